@@ -1,0 +1,408 @@
+"""The typed config of a cai_lite run: one dataclass per section, a docstring under every field.
+
+Reads and writes nothing: `recipe.py` fills these from `recipes/<name>.yaml` and `key=value`
+overrides, and the pipeline saves the resolved config as `runs/<run>/config.yaml`. The field
+docstrings are what `python run.py --help` prints.
+
+    python -c "from cai_lite.config import Config; print(Config().sft)"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+DEFAULT_RECIPE = "tiny_cpu"
+STAGES = ("critique_revise", "sft", "label_preferences", "reward_model", "ppo", "rloo", "dpo", "evaluate", "export")
+
+
+@dataclass
+class BaseConfig:
+    model: str = "runs/_models/tiny-llama"
+    """Local folder or hub id of the base causal LM. Weights are read from safetensors only."""
+    create: Literal["none", "tiny-llama", "tiny-qwen2"] = "none"
+    """If `base.model` is a missing folder, first build this tiny random model there (tests, tiny_cpu)."""
+    quantization: Literal["nf4", "none"] = "nf4"
+    """nf4: 4-bit NormalFloat with double quantization (QLoRA); none: load in `base.dtype`."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """dtype of the weights that are not quantized (embeddings, norms, LM head)."""
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """dtype NF4 layers dequantize to for their matmuls."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward to save memory (slower by about a third)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off by default: it runs code you have not read."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    """LoRA rank of every adapter cai_lite creates."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt; ["all-linear"] adapts every linear layer but the LM head (QLoRA)."""
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    """Tokens generated per answer, critique or revision."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 means greedy."""
+    top_p: float = 0.95
+    """Nucleus sampling mass."""
+    batch_size: int = 8
+    """Prompts generated together."""
+    max_prompt_tokens: int = 1024
+    """Prompts longer than this are cut from the left (the oldest text goes first), and counted."""
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "recipes/prompts/red_team.jsonl"
+    """Red-team prompts: a JSONL file with `data.column`, an hh-rlhf transcript file (.jsonl or .jsonl.gz), or a datasets name/folder."""
+    format: Literal["auto", "jsonl", "hh-rlhf", "datasets"] = "auto"
+    """How to read `data.prompts`; auto picks hh-rlhf for rows with `chosen` transcripts, jsonl otherwise."""
+    column: str = "prompt"
+    """Column holding the prompt text (jsonl and datasets sources)."""
+    split: str = "train"
+    """Split of a datasets source."""
+    limit: int = 0
+    """Training prompts to use (0 = all that are not held out)."""
+    eval_prompts: int = 0
+    """Prompts held out for `evaluate`, taken from the end of the shuffled list; never used in training."""
+    shuffle: bool = True
+    """Shuffle before splitting (seeded by `data.seed`)."""
+    seed: int = 0
+    """Seed of the shuffle."""
+    max_prompt_chars: int = 2000
+    """Prompts longer than this many characters are truncated (and counted)."""
+
+
+@dataclass
+class CritiqueReviseConfig:
+    rounds: int = 4
+    """Critique -> revision rounds per prompt, each with a freshly sampled principle (the paper uses 4)."""
+    policy_adapter: str = ""
+    """PEFT folder for the initial answers (loaded as `policy`); empty = the bare base."""
+    critic_adapter: str = ""
+    """PEFT folder loaded as the `critique` adapter, which then writes critiques and revisions; empty = same as the policy."""
+    cot: bool = False
+    """Ask the critic to reason step by step using the constitution's chain-of-thought template."""
+    few_shot: int = 1
+    """Demonstration chats from the constitution placed before each critique/revision."""
+    shard_size: int = 16
+    """Prompts per output shard (a crash loses at most one shard)."""
+    cleanup_patterns: list[str] = field(
+        default_factory=lambda: [
+            r"^\s*(sure|okay|ok|certainly)[,!.]?\s*(here is|here's)[^:\n]*:\s*",
+            r"^\s*(here is|here's) (a|the|my) revised (response|answer)[^:\n]*:\s*",
+            r"^\s*revision:\s*",
+        ]
+    )
+    """Case-insensitive regexes removed from the start of each revision (counted in stage.json)."""
+    helpful_prompts: str = ""
+    """Benign prompts answered without revision and marked `helpful`, so SFT keeps helpfulness (CAI §3.2)."""
+    helpful_limit: int = 0
+    """How many helpful prompts to read (0 = all)."""
+
+
+@dataclass
+class SFTConfig:
+    targets: Literal["final", "all_rounds"] = "final"
+    """Train on the final revision only, or on every round's revision (the paper's choice)."""
+    helpful_mix: float = 1.0
+    """Helpful rows per harmless row kept in the SFT set (capped by what exists)."""
+    lr: float = 2e-4
+    """Learning rate of the LoRA adapter."""
+    epochs: float = 1.0
+    """Passes over the SFT rows."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1 = use epochs)."""
+    batch_size: int = 4
+    """Rows per device batch."""
+    grad_accum: int = 4
+    """Batches accumulated per optimizer step."""
+    max_seq_len: int = 1024
+    """Prompt + revision tokens per row (longer rows are truncated)."""
+    warmup_ratio: float = 0.03
+    """Share of steps with linear warm-up."""
+
+
+@dataclass
+class JudgeConfig:
+    SHORTHAND: ClassVar[str] = "backend"  # `judge=llamacpp` means `judge.backend=llamacpp`
+
+    backend: Literal["local", "llamacpp", "openai"] = "local"
+    """local: the shared base in-process; llamacpp: a GGUF file on CPU; openai: an OpenAI-compatible server."""
+    adapter: str = "none"
+    """local judge: "none" (the bare base, a pretrained model as in CAI), or an adapter: sft, critique, or a PEFT folder."""
+    gguf_path: str = ""
+    """llamacpp judge: the GGUF file."""
+    n_threads: int = 2
+    """llamacpp judge: CPU threads."""
+    n_ctx: int = 4096
+    """llamacpp judge: context length in tokens."""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """openai judge: server URL up to /v1."""
+    model: str = "judge"
+    """openai judge: model name sent to the server."""
+    api_key_env: str = ""
+    """openai judge: name of the environment variable holding the API key (empty = no key)."""
+    concurrency: int = 4
+    """openai judge: requests in flight at once."""
+    timeout_s: float = 60.0
+    """openai judge: seconds per request."""
+    retries: int = 3
+    """openai judge: retries per request, with exponential backoff."""
+    batch_size: int = 8
+    """local judge: prompts scored per forward pass."""
+
+
+@dataclass
+class LabelConfig:
+    num_responses: int = 2
+    """Responses sampled per prompt from the `sft` policy; every pair is compared."""
+    temperature: float = 1.0
+    """Sampling temperature for the responses."""
+    max_prompts: int = 0
+    """Prompts to label (0 = all training prompts)."""
+    num_principles: int = 4
+    """Preference principles sampled per comparison and averaged (CAI ensembles over 16)."""
+    both_orders: bool = True
+    """Judge (A,B) and (B,A) and average, which cancels position bias (RLAIF App. B)."""
+    few_shot: int = 0
+    """Preference demonstrations from the constitution placed before each comparison."""
+    cot: bool = False
+    """Chain-of-thought: generate reasoning first, then score; labels are clamped to [0.4, 0.6] (CAI §4.1)."""
+    cot_max_new_tokens: int = 128
+    """Tokens of reasoning per comparison when `cot` is on."""
+    shard_size: int = 16
+    """Prompts per output shard."""
+
+
+@dataclass
+class RewardConfig:
+    loss: Literal["soft", "hard", "margin"] = "soft"
+    """soft: Bradley-Terry against p_a (CAI §4.1); hard: threshold p_a at 0.5; margin: hard with margin |2p_a-1|*margin."""
+    margin: float = 1.0
+    """Scale of the margin for loss=margin."""
+    lr: float = 1e-4
+    """Learning rate of the reward adapter and head."""
+    epochs: int = 1
+    """Passes over the labelled pairs."""
+    batch_size: int = 4
+    """Pairs per optimizer step."""
+    eval_fraction: float = 0.1
+    """Share of pairs held out for accuracy and calibration."""
+    max_seq_len: int = 1024
+    """Prompt + response tokens per sequence."""
+
+
+@dataclass
+class PPOConfig:
+    steps: int = 100
+    """Rollout -> update iterations."""
+    prompts: str = ""
+    """Prompt source for rollouts; empty = the SL-CAI training prompts (`data.*`)."""
+    batch_size: int = 16
+    """Prompts per rollout."""
+    minibatch_size: int = 4
+    """Sequences per gradient step (several make one optimizer step via grad_accum)."""
+    grad_accum: int = 1
+    """Minibatches per optimizer step."""
+    ppo_epochs: int = 2
+    """Passes over each rollout."""
+    lr: float = 1e-5
+    """Learning rate (policy adapter, value adapter and head)."""
+    max_new_tokens: int = 128
+    """Response length cap."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts."""
+    kl_coef: float = 0.05
+    """Initial coefficient of the per-token KL penalty toward the `reference` (SL-CAI) adapter."""
+    kl_target: float = 0.0
+    """Adaptive KL (Ziegler et al. 2019): steer the coefficient toward this KL per sequence; 0 = fixed."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive KL controller, in sequences."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """PPO ratio clip."""
+    clip_range_value: float = 0.2
+    """Value clip around the rollout values."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the reward of responses that hit the length cap without EOS."""
+
+
+@dataclass
+class RLOOConfig:
+    steps: int = 100
+    """Rollout -> update iterations."""
+    batch_size: int = 8
+    """Prompts per step."""
+    num_samples: int = 4
+    """Responses per prompt; each one's baseline is the mean reward of the others (leave-one-out)."""
+    lr: float = 1e-5
+    """Learning rate of the policy adapter."""
+    kl_coef: float = 0.05
+    """Coefficient of the sequence KL penalty toward the `reference` (SL-CAI) adapter."""
+    max_new_tokens: int = 128
+    """Response length cap."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the reward of responses without EOS."""
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    """DPO temperature (strength of the implicit KL to the `sft` reference)."""
+    lr: float = 5e-6
+    """Learning rate."""
+    epochs: float = 1.0
+    """Passes over the pairs."""
+    max_steps: int = -1
+    """Stop after this many steps (-1 = use epochs)."""
+    batch_size: int = 4
+    """Pairs per device batch."""
+    grad_accum: int = 1
+    """Batches per optimizer step."""
+    min_confidence: float = 0.0
+    """Drop pairs with |p_a - 0.5| below this."""
+    label_smoothing: Literal["none", "soft"] = "none"
+    """soft: cDPO label smoothing eps = mean(1 - max(p_a, 1-p_a)) over the kept pairs, from the judge's soft labels."""
+    precompute_ref_log_probs: bool = False
+    """Compute reference log-probs once before training (saves a forward per step)."""
+    max_seq_len: int = 1024
+    """Prompt + response tokens per sequence."""
+
+
+@dataclass
+class EvaluateConfig:
+    helpful_prompts: str = "recipes/prompts/helpful.jsonl"
+    """Benign prompts for helpfulness win rates (never used in training)."""
+    helpful_limit: int = 0
+    """Helpful prompts to use (0 = all)."""
+    max_new_tokens: int = 128
+    """Answer length per prompt and model."""
+    hhh_path: str = ""
+    """Path of Anthropic's 438HHHEvaluations.jsonl (empty = skip that eval)."""
+    harmful_vs_ethical_path: str = ""
+    """Path of Anthropic's HarmfulVsEthical.jsonl (empty = skip)."""
+    paper_eval_limit: int = 0
+    """Items of each paper eval to score (0 = all)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples for confidence intervals."""
+    samples_in_report: int = 3
+    """Prompts shown side by side in report.md."""
+
+
+@dataclass
+class ExportConfig:
+    adapter: str = "ppo"
+    """Stage whose adapter is merged into the de-quantized base (sft, ppo, rloo, dpo), or "none"."""
+    gguf_types: list[str] = field(default_factory=lambda: ["f16"])
+    """GGUF files to write: any of f32, f16, q8_0."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+    """dtype of the merged Hugging Face folder."""
+
+
+@dataclass
+class Config:
+    recipe: str = DEFAULT_RECIPE
+    """Recipe name (recipes/<name>.yaml)."""
+    description: str = ""
+    """One line describing the recipe (shown by --help)."""
+    run_name: str = ""
+    """Run folder name under runs/ (default: the recipe name)."""
+    run_dir: str = ""
+    """Whole path of the run folder (overrides run_name)."""
+    stages: list[str] = field(default_factory=lambda: list(STAGES[:5]) + ["evaluate"])
+    """Stages to run, in pipeline order: critique_revise, sft, label_preferences, reward_model, ppo, rloo, dpo, evaluate, export."""
+    force: list[str] = field(default_factory=list)
+    """Stages to rerun even if their config changed since the last run."""
+    seed: int = 0
+    """Global seed (sampling, adapter init, principle sampling)."""
+    constitution: str = "harmless"
+    """A name in constitutions/ or a path to a constitution file (ours, Anthropic's JSON, or llm-swarm's JSON)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
+    """Logging level."""
+    base: BaseConfig = field(default_factory=BaseConfig)
+    """The shared base model."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings of the adapters cai_lite creates."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """Sampling settings for critique_revise, label_preferences and evaluate."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Red-team prompt source and the held-out split."""
+    critique_revise: CritiqueReviseConfig = field(default_factory=CritiqueReviseConfig)
+    """Stage critique_revise: SL-CAI data generation."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Stage sft: supervised fine-tuning of the `sft` adapter on revisions."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """The AI judge (used alone unless `judges` lists several)."""
+    judges: list[JudgeConfig] = field(default_factory=list)
+    """Several judges that vote; entries are judge sections, or backend names that take the rest from `judge`."""
+    judge_vote: Literal["mean", "majority"] = "mean"
+    """How several judges combine: mean of probabilities, or majority of choices (ties give 0.5)."""
+    label_preferences: LabelConfig = field(default_factory=LabelConfig)
+    """Stage label_preferences: AI preference labels (RLAIF)."""
+    reward_model: RewardConfig = field(default_factory=RewardConfig)
+    """Stage reward_model: the `reward` adapter + head."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """Stage ppo."""
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    """Stage rloo."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """Stage dpo."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Stage evaluate."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """Stage export: merged HF folder + GGUF."""
+
+    @property
+    def path(self) -> Path:
+        """The run directory."""
+        return Path(self.run_dir) if self.run_dir else Path("runs") / (self.run_name or self.recipe)
+
+    def all_judges(self) -> list[JudgeConfig]:
+        return self.judges or [self.judge]
+
+
+def trl_args(cfg: Config, device_type: str, out: Path) -> dict:
+    """TrainingArguments shared by the TRL trainers cai_lite drives (sft, rloo, dpo)."""
+    cuda = device_type == "cuda"
+    return dict(
+        output_dir=str(out / "trainer"),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=["tensorboard"],
+        seed=cfg.seed,
+        use_cpu=not cuda,
+        bf16=cuda and cfg.base.compute_dtype == "bfloat16",
+        gradient_checkpointing=cfg.base.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_pin_memory=False,
+        disable_tqdm=False,
+    )
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,187 @@
+"""Prompt sources, the train/held-out split, chat rendering, and JSONL shards.
+
+Reads prompts from a JSONL file (one `{"prompt": ...}` per line, column configurable), an hh-rlhf
+transcript file (.jsonl or .jsonl.gz, rows `{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ..."}`; the
+first Human turn is the prompt), or a `datasets` folder/name. Writes JSONL shards atomically
+(temporary name, then rename) for the generation stages.
+
+    python -c "from cai_lite.data import read_prompts; print(read_prompts('../shared/data/hh-rlhf-harmless-base-test.part-dev.jsonl.gz')[:2])"
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai_lite.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Unusable prompt data; the message names the file, line and column."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str  # stable across runs: the row's position in the source
+    text: str
+
+
+@dataclass
+class PromptSplit:
+    train: list[Prompt]
+    held_out: list[Prompt]
+    truncated: int  # prompts cut to the character budget
+    duplicates: int  # repeated prompt texts dropped (so train and held-out never share a text)
+
+
+def _open(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    with _open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object per line")
+            yield n, row
+
+
+def first_human_turn(transcript: str) -> str:
+    """'\\n\\nHuman: hi\\n\\nAssistant: ...' -> 'hi'."""
+    head = transcript.split("\n\nAssistant:", 1)[0]
+    return head.split("Human:", 1)[-1].strip()
+
+
+def read_prompts(source: str, fmt: str = "auto", column: str = "prompt", split: str = "train") -> list[Prompt]:
+    """Every prompt of `source`, in file order."""
+    path = Path(source)
+    if fmt == "datasets" or (fmt == "auto" and (path.is_dir() or not path.exists())):
+        return _read_datasets(source, column, split)
+    if not path.is_file():
+        raise DataError(f"{source}: file not found")
+    out = []
+    for n, row in _jsonl_rows(path):
+        is_hh = fmt == "hh-rlhf" or (fmt == "auto" and column not in row and isinstance(row.get("chosen"), str))
+        if is_hh:
+            if not isinstance(row.get("chosen"), str) or "Human:" not in row["chosen"]:
+                raise DataError(f"{path}:{n}: expected an hh-rlhf row with a 'chosen' transcript")
+            text = first_human_turn(row["chosen"])
+        else:
+            if not isinstance(row.get(column), str):
+                raise DataError(f"{path}:{n}: no string column {column!r} (set data.column, or data.format=hh-rlhf)")
+            text = row[column]
+        if text.strip():
+            out.append(Prompt(f"{path.stem.split('.')[0]}-{n:06d}", text))
+    if not out:
+        raise DataError(f"{path}: no prompts found")
+    return out
+
+
+def _read_datasets(source: str, column: str, split: str) -> list[Prompt]:
+    import datasets
+
+    try:
+        if Path(source, "dataset_info.json").is_file() or Path(source, "state.json").is_file():
+            ds = datasets.load_from_disk(source)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        raise DataError(f"{source}: cannot load as a file or a datasets source ({type(e).__name__}: {e})") from None
+    if column not in ds.column_names:
+        raise DataError(f"{source}: no column {column!r} (columns: {ds.column_names}); set data.column")
+    return [Prompt(f"{Path(source).name}-{i:06d}", t) for i, t in enumerate(ds[column]) if isinstance(t, str) and t.strip()]
+
+
+def split_prompts(prompts: list[Prompt], limit: int, held_out: int, shuffle: bool, seed: int,
+                  max_chars: int) -> PromptSplit:
+    """Dedupe, shuffle (seeded), hold out the last `held_out`, keep the first `limit` of the rest."""
+    seen, unique = set(), []
+    for p in prompts:
+        if p.text not in seen:
+            seen.add(p.text)
+            unique.append(p)
+    if shuffle:
+        random.Random(seed).shuffle(unique)
+    truncated = 0
+    cut = []
+    for p in unique:
+        if len(p.text) > max_chars:
+            truncated += 1
+            p = Prompt(p.id, p.text[:max_chars])
+        cut.append(p)
+    held = cut[len(cut) - held_out:] if held_out else []
+    train = cut[: len(cut) - held_out] if held_out else cut
+    if limit:
+        train = train[:limit]
+    return PromptSplit(train, held, truncated, len(prompts) - len(unique))
+
+
+def prompt_split(cfg: Config) -> PromptSplit:
+    """The run's red-team prompts, split as `data.*` says. Every stage gets the same split."""
+    d = cfg.data
+    s = split_prompts(read_prompts(d.prompts, d.format, d.column, d.split), d.limit, d.eval_prompts, d.shuffle, d.seed,
+                      d.max_prompt_chars)
+    if s.truncated:
+        log.info("%d prompts truncated to %d characters (data.max_prompt_chars)", s.truncated, d.max_prompt_chars)
+    return s
+
+
+def read_optional(source: str, limit: int, max_chars: int) -> list[Prompt]:
+    """A plain prompt list (helpful prompts): no shuffle, first `limit`."""
+    if not source:
+        return []
+    prompts = read_prompts(source)
+    return [Prompt(p.id, p.text[:max_chars]) for p in (prompts[:limit] if limit else prompts)]
+
+
+# ---- chat rendering -------------------------------------------------------------------------
+
+def render(tokenizer, messages: list[dict], prefill: str = "") -> str:
+    """Messages through the tokenizer's own chat template, ending in an open assistant turn that
+    starts with `prefill`."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
+
+
+def conversation_text(prompt: str, response: str | None = None) -> str:
+    """The plain transcript judges read: 'Human: ...\\n\\nAssistant: ...'."""
+    return "Human: " + prompt + ("" if response is None else "\n\nAssistant: " + response)
+
+
+# ---- shards ---------------------------------------------------------------------------------
+
+def shard_path(out: Path, index: int) -> Path:
+    return out / f"part-{index:05d}.jsonl"
+
+
+def write_shard(path: Path, rows: list[dict]) -> None:
+    """Write rows to `path` atomically: a crash leaves either the whole shard or none."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def read_shards(folder: Path) -> list[dict]:
+    rows = []
+    for p in sorted(folder.glob("part-*.jsonl")):
+        rows += [r for _, r in _jsonl_rows(p)]
+    return rows
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,128 @@
+"""The `openai` judge: any OpenAI-compatible server (vLLM, llama.cpp server, ollama, a hosted API).
+
+Sends `/v1/completions` requests with the prompt rendered by the base model's chat template and
+`logprobs`, and reads the top log-probs of the first answer token. Where the server gives no
+log-probs for both letters, it parses the answer text instead and counts the label as hard.
+Bounded concurrency, per-request timeout, retries with exponential backoff. The API key is read
+from the environment variable named by `judge.api_key_env`; it is never stored or logged.
+
+Reads the server; writes nothing.
+
+    python -m llama_cpp.server --model judge.gguf --port 8000 &
+    python run.py recipe=tiny_cpu stages=[label_preferences] judge=openai judge.base_url=http://127.0.0.1:8000/v1
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from cai_lite.config import JudgeConfig
+
+log = logging.getLogger(__name__)
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class JudgeServerError(RuntimeError):
+    """The server could not answer after every retry."""
+
+
+def _headers(jc: JudgeConfig) -> dict[str, str]:
+    h = {"Content-Type": "application/json"}
+    if jc.api_key_env:
+        h["Authorization"] = "Bearer " + os.environ[jc.api_key_env]
+    return h
+
+
+def check(jc: JudgeConfig, where: str = "judge") -> list[str]:
+    """The key variable is set and `GET {base_url}/models` answers, before any model loads."""
+    if jc.api_key_env and not os.environ.get(jc.api_key_env):
+        return [f"{where}.api_key_env: environment variable {jc.api_key_env} is not set"]
+    url = jc.base_url.rstrip("/") + "/models"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=_headers(jc)), timeout=min(jc.timeout_s, 10)):
+            return []
+    except urllib.error.HTTPError as e:
+        return [f"{where}.base_url: {url} answered HTTP {e.code}"]
+    except (urllib.error.URLError, OSError) as e:
+        return [f"{where}.base_url: cannot reach {url} ({getattr(e, 'reason', e)})"]
+
+
+class OpenAIJudge:
+    def __init__(self, jc: JudgeConfig, render):
+        self.jc, self.render = jc, render
+        self.name = f"openai:{jc.model}"
+        self.hard_labels = 0
+        self.url = jc.base_url.rstrip("/") + "/completions"
+
+    def _post(self, body: dict) -> dict:
+        data = json.dumps(body).encode()
+        last: Exception | None = None
+        for attempt in range(self.jc.retries + 1):
+            if attempt:
+                time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))  # exponential backoff
+            req = urllib.request.Request(self.url, data=data, headers=_headers(self.jc), method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.jc.timeout_s) as r:
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                last = e
+                if e.code not in RETRY_STATUS:
+                    break
+            except (urllib.error.URLError, TimeoutError, OSError, json.JSONDecodeError) as e:
+                last = e
+        raise JudgeServerError(f"{self.url}: {type(last).__name__}: {last}")
+
+    def _one_choice(self, text: str, letters: str) -> list[float] | None:
+        body = {"model": self.jc.model, "prompt": text, "max_tokens": 1, "temperature": 0.0, "logprobs": 20}
+        try:
+            res = self._post(body)
+        except JudgeServerError as e:
+            log.warning("%s: request failed, recorded as a failure: %s", self.name, e)
+            return None
+        choice = res["choices"][0]
+        top = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0] or {}
+        found: dict[str, float] = {}
+        for tok, lp in top.items():
+            key = tok.strip()
+            if key in letters and key not in found:
+                found[key] = lp
+        if all(letter in found for letter in letters):
+            m = max(found.values())
+            exps = [math.exp(found[letter] - m) for letter in letters]
+            return [e / sum(exps) for e in exps]
+        # No log-probs for every letter: fall back to the answer text, and count it as a hard label.
+        match = re.match(r"\s*\(?([A-Z])", choice.get("text", ""))
+        if match and match.group(1) in letters:
+            self.hard_labels += 1
+            return [1.0 if letter == match.group(1) else 0.0 for letter in letters]
+        return None
+
+    def option_probs(self, prompts, letters: str) -> list[list[float] | None]:
+        texts = [self.render(p.messages, p.prefill) for p in prompts]
+        with ThreadPoolExecutor(max_workers=self.jc.concurrency) as pool:
+            return list(pool.map(lambda t: self._one_choice(t, letters), texts))
+
+    def generate(self, prompts, max_new_tokens: int) -> list[str | None]:
+        def one(text: str) -> str | None:
+            try:
+                res = self._post({"model": self.jc.model, "prompt": text, "max_tokens": max_new_tokens,
+                                  "temperature": 0.0})
+            except JudgeServerError as e:
+                log.warning("%s: generation failed: %s", self.name, e)
+                return None
+            return res["choices"][0].get("text", "")
+
+        texts = [self.render(p.messages, p.prefill) for p in prompts]
+        with ThreadPoolExecutor(max_workers=self.jc.concurrency) as pool:
+            return list(pool.map(one, texts))
+
+    def close(self) -> None:
+        pass

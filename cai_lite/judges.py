@@ -1,0 +1,262 @@
+"""AI judges: given a conversation, a principle and two options, P(A is better), or None on failure.
+
+A judge scores the *next token* after the prefilled "The answer is: (" and normalises the
+probabilities of the letters, so the label is soft (CAI §4.1; RLAIF §2.1), not a parsed choice.
+Backends:
+  - local: the shared in-process base with any adapter, one batched forward, last position only;
+  - llamacpp: llama-cpp-python on a GGUF file on CPU, reading only the last position's logits and
+    reusing the KV cache of the shared prompt prefix (demos, conversation, principle);
+  - openai: any OpenAI-compatible server (judge_http.py).
+Reads the GGUF file or the server; writes nothing. `compare()` runs the labelling protocol (both
+orders, several principles, optional chain of thought) on any backend.
+
+    python run.py recipe=tiny_cpu stages=[label_preferences] judge=local
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from cai_lite import constitution as C
+from cai_lite import data, generation, models, voting
+from cai_lite.config import Config, GenerationSettings, JudgeConfig
+from cai_lite.models import SharedBase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChoicePrompt:
+    messages: list[dict]  # the chat, ending with the user's question
+    prefill: str  # the start of the judge's answer, e.g. "The answer is: ("
+
+
+class Judge(Protocol):
+    name: str
+    hard_labels: int  # answers that had to be parsed from text (no log-probs): recorded in stage.json
+
+    def option_probs(self, prompts: list[ChoicePrompt], letters: str) -> list[list[float] | None]:
+        """Per prompt, the probabilities of the next token being each letter, normalised over the
+        letters; None where the judge failed."""
+        ...
+
+    def generate(self, prompts: list[ChoicePrompt], max_new_tokens: int) -> list[str | None]:
+        """Greedy continuation of each prompt (chain of thought)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalJudge:
+    """The shared base (with `judge.adapter`, or bare) scoring letters in one batched forward."""
+
+    def __init__(self, base: SharedBase, jc: JudgeConfig, g: GenerationSettings):
+        self.base, self.g, self.batch_size = base, g, jc.batch_size
+        self.name = f"local:{jc.adapter}"
+        self.hard_labels = 0
+        self.adapter: str | None = None if jc.adapter == "none" else jc.adapter
+        if self.adapter and Path(self.adapter).is_dir():
+            models.load_adapter(base, "judge", self.adapter)  # a PEFT folder: load it under a role name
+            self.adapter = "judge"
+
+    def _letter_ids(self, letters: str) -> list[int]:
+        ids = []
+        for letter in letters:
+            tok = self.base.tokenizer.encode(letter, add_special_tokens=False)
+            if len(tok) != 1:
+                raise ValueError(f"judge: the tokenizer splits {letter!r} into {len(tok)} tokens; cannot score it")
+            ids.append(tok[0])
+        return ids
+
+    @torch.no_grad()
+    def option_probs(self, prompts: list[ChoicePrompt], letters: str) -> list[list[float] | None]:
+        ids = self._letter_ids(letters)
+        texts = [data.render(self.base.tokenizer, p.messages, p.prefill) for p in prompts]
+        out: list[list[float] | None] = []
+        with models.role(self.base, self.adapter) as model:
+            for batch in data.chunks(texts, self.batch_size):
+                enc, _ = generation.tokenize_left(self.base, batch, self.g.max_prompt_tokens)
+                logits = model(**enc, position_ids=generation.positions(enc["attention_mask"]), logits_to_keep=1,
+                               use_cache=False).logits[:, -1, :].float()  # (B, V)
+                logp = logits.log_softmax(-1)[:, ids]  # (B, L): log P(letter | prompt)
+                probs = logp.softmax(-1)  # (B, L): normalised over the letters only
+                for row in probs:
+                    out.append(None if torch.isnan(row).any() else row.tolist())
+        return out
+
+    def generate(self, prompts: list[ChoicePrompt], max_new_tokens: int) -> list[str | None]:
+        texts = [data.render(self.base.tokenizer, p.messages, p.prefill) for p in prompts]
+        return generation.generate(self.base, texts, self.adapter, self.g, max_new_tokens=max_new_tokens,
+                                   temperature=0.0, desc="judge reasoning").texts
+
+    def close(self) -> None:
+        pass
+
+
+class LlamaCppJudge:
+    """A GGUF model in llama.cpp on CPU: the cheap voter. Prompts are evaluated one at a time in the
+    order given, and each reuses the KV cache of its common token prefix with the previous one."""
+
+    def __init__(self, jc: JudgeConfig, render_fallback):
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if not Path(jc.gguf_path).is_file():
+            raise FileNotFoundError(f"judge.gguf_path: {jc.gguf_path!r}: file not found")
+        # logits_all=False: llama.cpp then keeps logits for the last position only, not n_ctx x n_vocab floats.
+        self.llm = Llama(model_path=jc.gguf_path, n_ctx=jc.n_ctx, n_threads=jc.n_threads, logits_all=False,
+                         verbose=False, seed=0)
+        self.name = f"llamacpp:{Path(jc.gguf_path).name}"
+        self.hard_labels = 0
+        self.evaluated_tokens = 0  # tokens actually run through the model (prefix reuse saves the rest)
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        eos = self.llm.detokenize([self.llm.token_eos()], special=True).decode("utf-8", "replace")
+        self._format = Jinja2ChatFormatter(template, eos_token=eos, bos_token="") if template else None
+        self._render_fallback = render_fallback
+        self._add_bos = self.llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+        self.reuse_prefix = True
+
+    def _render(self, p: ChoicePrompt) -> str:
+        # The GGUF's own chat template, so a judge model other than the base is prompted in its format.
+        if self._format is None:
+            return self._render_fallback(p.messages, p.prefill)
+        return self._format(messages=p.messages).prompt + p.prefill
+
+    def _last_logits(self, tokens: list[int]) -> np.ndarray:
+        import llama_cpp
+
+        keep = 0
+        if self.reuse_prefix:
+            cached = self.llm.input_ids[: self.llm.n_tokens]
+            limit = min(len(cached), len(tokens) - 1)  # evaluate at least one token to get fresh logits
+            while keep < limit and cached[keep] == tokens[keep]:
+                keep += 1
+        self.llm.n_tokens = keep  # eval() drops the KV cache beyond this point before decoding
+        self.llm.eval(tokens[keep:])
+        self.evaluated_tokens += len(tokens) - keep
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype(np.float64)
+
+    def option_probs(self, prompts: list[ChoicePrompt], letters: str) -> list[list[float] | None]:
+        ids = []
+        for letter in letters:
+            t = self.llm.tokenize(letter.encode(), add_bos=False, special=False)
+            if len(t) != 1:
+                raise ValueError(f"judge.gguf_path: the GGUF tokenizer splits {letter!r} into {len(t)} tokens")
+            ids.append(t[0])
+        out: list[list[float] | None] = []
+        for p in prompts:
+            tokens = self.llm.tokenize(self._render(p).encode("utf-8"), add_bos=self._add_bos, special=True)
+            if len(tokens) >= self.llm.n_ctx():
+                log.warning("%s: prompt of %d tokens exceeds judge.n_ctx=%d; recorded as a failure",
+                            self.name, len(tokens), self.llm.n_ctx())
+                out.append(None)
+                continue
+            logits = self._last_logits(tokens)
+            x = logits[ids] - logits[ids].max()
+            probs = np.exp(x) / np.exp(x).sum()  # softmax over the letters = normalised P(letter)
+            out.append(probs.tolist() if np.isfinite(probs).all() else None)
+        return out
+
+    def generate(self, prompts: list[ChoicePrompt], max_new_tokens: int) -> list[str | None]:
+        out = []
+        for p in prompts:
+            res = self.llm.create_completion(self._render(p), max_tokens=max_new_tokens, temperature=0.0)
+            out.append(res["choices"][0]["text"])
+        return out
+
+    def close(self) -> None:
+        self.llm.close()  # explicit: its destructor can raise at interpreter exit
+
+
+def build(cfg: Config, base: SharedBase | None) -> list[Judge]:
+    """The configured judges, ready to score."""
+    from cai_lite import judge_http
+
+    out: list[Judge] = []
+    for jc in cfg.all_judges():
+        if jc.backend == "local":
+            out.append(LocalJudge(base, jc, cfg.generation))
+        elif jc.backend == "llamacpp":
+            out.append(LlamaCppJudge(jc, lambda m, p: data.render(base.tokenizer, m, p)))
+        else:
+            out.append(judge_http.OpenAIJudge(jc, lambda m, p: data.render(base.tokenizer, m, p)))
+    return out
+
+
+def check(cfg: Config) -> list[str]:
+    """Judge problems found before any model loads: missing GGUF, unset key variable, dead server."""
+    from cai_lite import judge_http
+
+    errors = []
+    for i, jc in enumerate(cfg.all_judges()):
+        where = "judge" if not cfg.judges else f"judges[{i}]"
+        if jc.backend == "llamacpp":
+            if not jc.gguf_path or not Path(jc.gguf_path).is_file():
+                errors.append(f"{where}.gguf_path: {jc.gguf_path!r}: GGUF file not found "
+                              "(export one with stages=[export] or python -m cai_lite.gguf_export)")
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                errors.append(f"{where}.backend=llamacpp needs llama-cpp-python: pip install -e '.[cpu-judge]'")
+        elif jc.backend == "openai":
+            errors += judge_http.check(jc, where)
+    return errors
+
+
+@dataclass
+class Comparison:
+    conversation: str  # "Human: ..." transcript the responses answer
+    response_a: str
+    response_b: str
+    principles: list[C.PreferencePrinciple]
+
+
+@dataclass
+class Judgement:
+    p_a: float | None  # P(response_a is better): mean over principles of the order-averaged probability
+    details: list[dict] = field(default_factory=list)  # per principle: id, p_ab, p_ba (P(slot A)), p_a, cot
+
+
+def compare(judge: Judge, comparisons: list[Comparison], both_orders: bool, demos: tuple = (), cot: bool = False,
+            cot_max_new_tokens: int = 128) -> list[Judgement]:
+    """Judge every comparison under each of its principles, in one or both option orders.
+
+    Prompts go to the judge in (comparison, principle, order) order, so consecutive prompts share
+    a long prefix: a llama.cpp judge reuses its KV cache across them."""
+    prompts, index = [], []
+    for ci, c in enumerate(comparisons):
+        for pi, pr in enumerate(c.principles):
+            orders = [(c.response_a, c.response_b, "ab")] + ([(c.response_b, c.response_a, "ba")] if both_orders else [])
+            for x, y, order in orders:
+                prompts.append(ChoicePrompt(C.comparison_messages(c.conversation, pr.text, x, y, demos),
+                                            C.COMPARISON_PREFILL))
+                index.append((ci, pi, order))
+    reasoning: list[str | None] = [None] * len(prompts)
+    if cot:
+        cot_prompts = [ChoicePrompt(p.messages, C.COT_PREFILL) for p in prompts]
+        reasoning = judge.generate(cot_prompts, cot_max_new_tokens)
+        prompts = [ChoicePrompt(p.messages, C.COT_PREFILL + (r or "") + C.COT_ANSWER) for p, r in zip(prompts, reasoning)]
+    probs = judge.option_probs(prompts, "AB")
+    table: dict[tuple[int, int], dict] = {}
+    for (ci, pi, order), pr, why in zip(index, probs, reasoning):
+        p_first = None if pr is None else pr[0]
+        if cot and p_first is not None:
+            p_first = voting.clamp(p_first)
+        cell = table.setdefault((ci, pi), {"id": comparisons[ci].principles[pi].id, "p_ab": None, "p_ba": None})
+        cell["p_" + order] = p_first
+        if cot:
+            cell["cot_" + order] = why
+    out = []
+    for ci, c in enumerate(comparisons):
+        details = [table[(ci, pi)] for pi in range(len(c.principles))]
+        for d in details:
+            d["p_a"] = voting.average_orders(d["p_ab"], d["p_ba"]) if both_orders else d["p_ab"]
+        out.append(Judgement(voting.mean_or_none([d["p_a"] for d in details]), details))
+    return out

@@ -1,0 +1,279 @@
+"""Run the selected stages in order, in one process, on one loaded base.
+
+Reads the resolved Config and each stage's previous `stage.json`; writes `runs/<run>/config.yaml`,
+one folder per stage, and in each, after the stage's outputs, `stage.json` with `stage`,
+`config_hash`, `seconds`, `peak_memory_mb` and the stage's metrics.
+
+A stage's hash covers the config keys it declares and the hashes of the stages it reads. A rerun
+skips a stage whose stage.json has the same hash, refuses one whose own keys changed (naming
+them) unless `force=[stage]`, and reruns one whose only change is an upstream stage redone.
+
+    python run.py recipe=tiny_cpu stages=[critique_revise,sft]
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+import yaml
+
+from cai_lite.config import Config, to_dict
+from cai_lite.typed_yaml import ConfigError
+
+log = logging.getLogger(__name__)
+current_stage: contextvars.ContextVar[str] = contextvars.ContextVar("stage", default="setup")
+BASE_KEYS = ("base.model", "base.create", "base.quantization", "base.dtype", "base.compute_dtype", "seed")
+TRAIN_KEYS = BASE_KEYS + ("lora",)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable  # run(cfg, base, out_dir) -> metrics dict
+    keys: tuple[str, ...]  # config keys whose values shape this stage's outputs
+    reads: tuple[str, ...]  # stages whose outputs it needs
+    optional_reads: tuple[str, ...] = ()  # stages whose outputs it uses when present
+    check: Callable | None = None  # check(cfg) -> list of problems, run before any model loads
+
+
+def stage_table() -> list[Stage]:
+    """The pipeline, in order. Imported lazily so `--help` stays fast."""
+    from cai_lite.stages import (critique_revise, dpo, evaluate, export, label_preferences, ppo, reward_model,
+                                 rloo, sft)
+
+    gen = BASE_KEYS + ("generation", "data", "constitution")
+    judge = ("judge", "judges", "judge_vote")
+    return [
+        Stage("critique_revise", critique_revise.run, gen + ("critique_revise",), (), check=critique_revise.check),
+        Stage("sft", sft.run, TRAIN_KEYS + ("sft",), ("critique_revise",)),
+        Stage("label_preferences", label_preferences.run, gen + judge + ("label_preferences",), ("sft",),
+              check=label_preferences.check),
+        Stage("reward_model", reward_model.run, TRAIN_KEYS + ("reward_model",), ("label_preferences",)),
+        Stage("ppo", ppo.run, TRAIN_KEYS + ("data", "ppo"), ("sft", "reward_model"), check=ppo.check),
+        Stage("rloo", rloo.run, TRAIN_KEYS + ("data", "rloo"), ("sft", "reward_model")),
+        Stage("dpo", dpo.run, TRAIN_KEYS + ("dpo",), ("sft", "label_preferences")),
+        Stage("evaluate", evaluate.run, gen + judge + ("evaluate",), ("sft",),
+              ("reward_model", "ppo", "rloo", "dpo"), check=evaluate.check),
+        Stage("export", export.run, BASE_KEYS + ("export",), (), ("sft", "ppo", "rloo", "dpo"), check=export.check),
+    ]
+
+
+def _pick(cfg: Config, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return to_dict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def read_stage_json(cfg: Config, name: str) -> dict | None:
+    p = cfg.path / name / "stage.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+@dataclass
+class Plan:
+    """What each selected stage will do, decided before any model loads."""
+
+    actions: dict[str, str]  # stage -> run | skip | resume
+    hashes: dict[str, str]
+    snapshots: dict[str, dict]
+
+
+def plan(cfg: Config, table: list[Stage]) -> Plan:
+    """Decide run/skip for every selected stage; raise ConfigError with every refusal."""
+    errors: list[str] = []
+    selected = [s for s in table if s.name in cfg.stages]
+    hashes: dict[str, str] = {}
+    snapshots: dict[str, dict] = {}
+    actions: dict[str, str] = {}
+    for stage in table:
+        done = read_stage_json(cfg, stage.name)
+        inputs = {}
+        for up in stage.reads + stage.optional_reads:
+            if up in hashes and (up in cfg.stages or read_stage_json(cfg, up)):
+                inputs[up] = hashes[up] if up in cfg.stages else read_stage_json(cfg, up)["config_hash"]
+            elif up in stage.reads and stage.name in cfg.stages:
+                errors.append(f"stages: {stage.name} reads the output of {up}, which is neither selected nor "
+                              f"done in {cfg.path} (add {up} to stages)")
+        snap = {"config": {k: _pick(cfg, k) for k in stage.keys}, "inputs": inputs}
+        snapshots[stage.name] = snap
+        hashes[stage.name] = hashlib.sha256(json.dumps(snap, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if stage.name not in cfg.stages:
+            if done and done["config_hash"] != hashes[stage.name] and _own_changes(done, snap):
+                # A later stage may read this output: say so if it no longer matches the config.
+                readers = [s.name for s in selected if stage.name in s.reads + s.optional_reads]
+                if readers:
+                    errors.append(f"{stage.name}: its output in {cfg.path} was made with other settings "
+                                  f"({'; '.join(_own_changes(done, snap))}), and {', '.join(readers)} would read it; "
+                                  f"add {stage.name} to stages to redo it")
+            continue
+        if stage.name in cfg.force or done is None:
+            actions[stage.name] = "run"
+        elif done["config_hash"] == hashes[stage.name]:
+            actions[stage.name] = "skip"
+        elif changes := _own_changes(done, snap):
+            errors.append(f"{stage.name}: already done with other settings: {'; '.join(changes)}. "
+                          f"Use force=[{stage.name}] to redo it, or run_name= for a new run")
+        else:
+            actions[stage.name] = "run"  # only an upstream stage was redone: redo this one too
+    if errors:
+        raise ConfigError(errors)
+    return Plan(actions, hashes, snapshots)
+
+
+def _own_changes(done: dict, snap: dict) -> list[str]:
+    old, new = _flatten(done.get("config", {})), _flatten(snap["config"])
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def preflight(cfg: Config, table: list[Stage], actions: dict[str, str]) -> None:
+    """Every check that needs files or servers but no model, all reported together."""
+    errors: list[str] = []
+    for stage in table:
+        if actions.get(stage.name) == "run" and stage.check is not None:
+            errors += stage.check(cfg)
+    if errors:
+        raise ConfigError(errors)
+
+
+class _Memory:
+    """Peak memory of one stage: peak RSS on CPU (VmHWM, reset per stage), peak allocated on GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+            except OSError:
+                pass
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def run(cfg: Config, base=None) -> dict[str, dict]:
+    """Run `cfg.stages`; return each stage's stage.json. `base` lets tests share one loaded model."""
+    from cai_lite import models, tiny
+
+    table = stage_table()
+    decided = plan(cfg, table)
+    preflight(cfg, table, decided.actions)
+    cfg.path.mkdir(parents=True, exist_ok=True)
+    (cfg.path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    results: dict[str, dict] = {}
+    todo = [s for s in table if decided.actions.get(s.name) == "run"]
+    for s in table:
+        if decided.actions.get(s.name) == "skip":
+            log.info("%s: done with the same config, skipping", s.name)
+            results[s.name] = read_stage_json(cfg, s.name)
+    if not todo:
+        return results
+    if base is None:
+        if cfg.base.create != "none" and not Path(cfg.base.model).exists():
+            arch = cfg.base.create.split("-", 1)[1]
+            log.info("building tiny %s model at %s", arch, cfg.base.model)
+            tiny.build_tiny_model(cfg.base.model, arch)
+        base = models.load_base(cfg)
+    memory = _Memory(base.device)
+    for stage in todo:
+        out = cfg.path / stage.name
+        marker = out / ".config_hash"
+        resumable = marker.is_file() and marker.read_text() == decided.hashes[stage.name]
+        if out.exists() and (stage.name in cfg.force or not resumable):
+            shutil.rmtree(out)  # outputs of other settings: never mix them with the new ones
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text(decided.hashes[stage.name])
+        token = current_stage.set(stage.name)
+        try:
+            transformers.set_seed(cfg.seed)
+            memory.reset()
+            start = time.perf_counter()
+            log.info("start%s", " (resuming)" if resumable else "")
+            metrics = stage.run(cfg, base, out)
+            record = {
+                "stage": stage.name,
+                "config_hash": decided.hashes[stage.name],
+                "seconds": round(time.perf_counter() - start, 2),
+                "peak_memory_mb": round(memory.peak_mb(), 1),
+                "memory": models.memory_account(base),
+                **decided.snapshots[stage.name],
+                **metrics,
+            }
+            write_json(out / "stage.json", record)  # last: its presence means the stage finished
+            results[stage.name] = record
+            log.info("done in %.1f s", record["seconds"])
+        finally:
+            current_stage.reset(token)
+    return results
+
+
+class StageLogFilter(logging.Filter):
+    """Prefix every log line with the stage that is running."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.stage = current_stage.get()
+        return True
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(StageLogFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(stage)s] %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("cai_lite")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+HEADLINE = {  # the one metric per stage worth a glance on the terminal
+    "critique_revise": "rows", "sft": "loss_last", "label_preferences": "labels", "reward_model": "eval_accuracy",
+    "ppo": "reward_last", "rloo": "reward_last", "dpo": "margin_last", "evaluate": "summary", "export": "gguf",
+}
+
+
+def summary(cfg: Config, results: dict[str, dict]) -> str:
+    """A compact table of what ran, for the end of `python run.py`."""
+    lines = [f"run: {cfg.path}", f"{'stage':<18} {'seconds':>8} {'peak MB':>8}  result"]
+    for name, r in results.items():
+        key = HEADLINE.get(name, "")
+        lines.append(f"{name:<18} {r.get('seconds', 0):>8.1f} {r.get('peak_memory_mb', 0):>8.0f}  {key}={r.get(key)}")
+    table = cfg.path / "evaluate" / "summary.txt"
+    if "evaluate" in results and table.is_file():
+        lines += ["", table.read_text().rstrip()]
+    return "\n".join(lines)

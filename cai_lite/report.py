@@ -1,0 +1,192 @@
+"""The evaluate stage's human-facing outputs: report.md, PNG plots and the terminal summary table.
+
+Reads the metrics the evaluate stage computed, its responses, and the RL and labelling logs of the
+run (`ppo/log.jsonl`, `rloo/log.jsonl`, `label_preferences/stage.json`). Writes into
+`runs/<run>/evaluate/`: `report.md`, `stages.png` (win rates and harmful/evasive rates by model,
+with error bars), `rl_curves.png` (reward, KL, entropy per step), `judges.png` (position bias
+and consistency per judge), and `summary.txt`.
+
+    python -c "from cai_lite import report; print(open('runs/tiny_cpu/evaluate/summary.txt').read())"
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cai_lite.config import Config  # noqa: E402
+
+
+def _fmt(x, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _win(metrics: dict, model: str, other: str, kind: str) -> dict | None:
+    return metrics["win_rates"].get(f"{model}_vs_{other}/{kind}")
+
+
+def _win_cell(w: dict | None) -> str:
+    return "-" if not w else f"{w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]"
+
+
+def table_rows(metrics: dict) -> list[list[str]]:
+    header = ["model", "harmless win vs base", "helpful win vs base", "harmful rate", "evasive rate", "reward", "Elo"]
+    rows = [header]
+    for m in metrics["models"]:
+        r = metrics["rates"].get(m, {})
+        rows.append([
+            m,
+            _win_cell(_win(metrics, m, "base", "harmless")),
+            _win_cell(_win(metrics, m, "base", "helpful")),
+            _fmt((r.get("harmful") or {}).get("rate")),
+            _fmt((r.get("evasive_red_team") or {}).get("rate")),
+            _fmt((metrics.get("mean_reward") or {}).get(m), 3),
+            _fmt((metrics.get("elo") or {}).get(m), 0),
+        ])
+    return rows
+
+
+def summary_text(metrics: dict) -> str:
+    rows = table_rows(metrics)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def headline(metrics: dict) -> str:
+    """One line for stage.json: harmful rate and harmless win rate of the last model vs the base."""
+    last = metrics["models"][-1]
+    harm = (metrics["rates"].get(last, {}).get("harmful") or {}).get("rate")
+    win = _win(metrics, last, "base", "harmless")
+    return f"{last}: harmful {_fmt(harm)}, harmless win vs base {_fmt(win['win_rate']) if win else '-'}"
+
+
+def _markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:300]
+
+
+def write_all(cfg: Config, out: Path, metrics: dict, responses: dict, red: list, helpful: list,
+              revisions: list[dict]) -> None:
+    plot_stages(metrics, out / "stages.png")
+    plots = ["stages.png"]
+    if plot_rl_curves(cfg.path, out / "rl_curves.png"):
+        plots.append("rl_curves.png")
+    if plot_judges(cfg.path, out / "judges.png"):
+        plots.append("judges.png")
+    (out / "summary.txt").write_text(summary_text(metrics) + "\n")
+    md = [f"# cai_lite evaluation: {cfg.path.name}", "",
+          f"Held-out red-team prompts: {metrics['prompts']['red_team_held_out']}; helpful prompts: "
+          f"{metrics['prompts']['helpful']}; overlap with training prompts: 0. Judges: {', '.join(metrics['judges'])}.",
+          "", "## Summary", "", _markdown_table(table_rows(metrics)), "",
+          "Win rates are P(model beats the base) from the judges, both option orders averaged, with 95% bootstrap "
+          "intervals. Rates are judge classifications with 95% Wilson intervals. Elo is a Bradley-Terry fit over all "
+          "comparisons (mean 1000).", ""]
+    if metrics.get("paper_evals"):
+        md += ["## The paper's evals", "", "| eval | scorer | accuracy | n |", "|---|---|---|---|"]
+        for name, ev in metrics["paper_evals"].items():
+            md.append(f"| {name} | always (A) | {ev['always_A']:.3f} | |")
+            for j, r in ev["judges"].items():
+                md.append(f"| {name} | {j} | {_fmt(r['accuracy'], 3)} | {r['n']} |")
+            if "reward_model" in ev:
+                md.append(f"| {name} | reward model | {_fmt(ev['reward_model']['accuracy'], 3)} | {ev['reward_model']['n']} |")
+        md.append("")
+    md += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    md += ["## Sample responses", ""]
+    models = list(responses)
+    for kind, prompts in (("red_team", red), ("helpful", helpful)):
+        n = min(cfg.evaluate.samples_in_report, len(prompts))
+        if not n:
+            continue
+        md += [f"### {kind}", "", "| prompt | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+        for i in range(n):
+            md.append("| " + _cell(prompts[i].text) + " | " + " | ".join(_cell(responses[m][kind][i]) for m in models) + " |")
+        md.append("")
+    if revisions:
+        md += ["## Best and worst judged SL-CAI revisions", ""]
+        for r in revisions:
+            md += [f"- **P(revision better) = {r['p_revision_better']:.3f}**: {_cell(r['prompt'])}",
+                   f"  - initial: {_cell(r['initial'])}", f"  - critique: {_cell(r['critique'])}",
+                   f"  - final: {_cell(r['final'])}"]
+        md.append("")
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+
+
+def plot_stages(metrics: dict, path: Path) -> None:
+    models = metrics["models"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    x = range(len(models))
+    for off, kind in ((-0.2, "harmless"), (0.2, "helpful")):
+        ws = [_win(metrics, m, "base", kind) for m in models]
+        ys = [w["win_rate"] if w else 0.5 for w in ws]
+        err = [[y - (w["ci_low"] if w else y) for y, w in zip(ys, ws)], [(w["ci_high"] if w else y) - y for y, w in zip(ys, ws)]]
+        ax1.bar([i + off for i in x], ys, 0.4, yerr=err, capsize=3, label=f"{kind} prompts")
+    ax1.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+    ax1.set(xticks=list(x), xticklabels=models, ylim=(0, 1), ylabel="win rate vs base", xlabel="model",
+            title="Pairwise win rate against the base")
+    ax1.legend()
+    for off, key, label in ((-0.2, "harmful", "harmful"), (0.2, "evasive_red_team", "evasive")):
+        rs = [metrics["rates"].get(m, {}).get(key) for m in models]
+        ys = [r["rate"] if r and r["rate"] is not None else 0.0 for r in rs]
+        err = [[y - (r["ci_low"] if r else y) for y, r in zip(ys, rs)], [(r["ci_high"] if r else y) - y for y, r in zip(ys, rs)]]
+        ax2.bar([i + off for i in x], ys, 0.4, yerr=err, capsize=3, label=label)
+    ax2.set(xticks=list(x), xticklabels=models, ylim=(0, 1), ylabel="rate on held-out red-team prompts",
+            xlabel="model", title="Harmful and evasive rates")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def plot_rl_curves(run_dir: Path, path: Path) -> bool:
+    logs = {name: _read_log(run_dir / name / "log.jsonl") for name in ("ppo", "rloo")}
+    logs = {k: v for k, v in logs.items() if v}
+    if not logs:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name, rows in logs.items():
+        steps = list(range(1, len(rows) + 1))
+        axes[0].plot(steps, [r.get("reward_raw", r.get("reward")) for r in rows], marker="o", label=name)
+        axes[1].plot(steps, [r.get("kl") for r in rows], marker="o", label=name)
+        axes[2].plot(steps, [r.get("entropy") for r in rows], marker="o", label=name)
+    for ax, label in zip(axes, ("mean reward-model score", "KL to the SL-CAI reference", "policy entropy (nats)")):
+        ax.set(xlabel="RL step", ylabel=label, title=label)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_judges(run_dir: Path, path: Path) -> bool:
+    stage = run_dir / "label_preferences" / "stage.json"
+    if not stage.is_file():
+        return False
+    per = json.loads(stage.read_text())["judges"]
+    names = list(per)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [per[n]["position_consistency"] or 0 for n in names], 0.4,
+           label="position consistency (choice survives the swap)")
+    ax.bar([i + 0.2 for i in x], [per[n]["first_slot_preference"] or 0 for n in names], 0.4,
+           label="raw preference for slot (A)")
+    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+    ax.set(xticks=list(x), xticklabels=names, ylim=(0, 1), ylabel="share of comparisons", xlabel="judge",
+           title="Judge position bias (label_preferences)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,127 @@
+"""RL rollouts on the shared base: sample responses with one adapter, score their tokens with
+another, and score whole responses with the `reward` adapter + head. Used by the ppo and rloo
+stages, which then differ only in how they turn rewards into a loss.
+
+Reads nothing from disk; `load_reward_stats()` reads `reward_model/reward_stats.json`.
+
+    python -c "import cai_lite.rollout as r; help(r.sample)"
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cai_lite import data, generation, losses, models
+from cai_lite.models import SharedBase
+
+
+@dataclass
+class Rollout:
+    query: torch.Tensor  # (B, Tq) prompt ids, left-padded
+    query_mask: torch.Tensor  # (B, Tq)
+    response: torch.Tensor  # (B, T) response ids, right-padded after EOS
+    mask: torch.Tensor  # (B, T) 1.0 on response tokens, EOS included
+    ended: torch.Tensor  # (B,) True where the response ended with EOS
+    prompts: list[str]  # the raw prompts
+    texts: list[str]  # the decoded responses
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt and response as one sequence.  -> ids (B, Tq+T), attention mask (B, Tq+T)"""
+        return torch.cat([self.query, self.response], 1), torch.cat([self.query_mask, self.mask.long()], 1)
+
+    def select(self, idx: torch.Tensor) -> Rollout:
+        i = idx.tolist()
+        return Rollout(self.query[idx], self.query_mask[idx], self.response[idx], self.mask[idx], self.ended[idx],
+                       [self.prompts[k] for k in i], [self.texts[k] for k in i])
+
+
+@torch.no_grad()
+def sample(base: SharedBase, adapter: str, prompts: list[str], max_new_tokens: int, temperature: float,
+           max_prompt_tokens: int) -> Rollout:
+    """One sampled response per prompt (repeat prompts for several), with the adapter `adapter`."""
+    tok = base.tokenizer
+    rendered = [data.render(tok, [{"role": "user", "content": p}]) for p in prompts]
+    enc, _ = generation.tokenize_left(base, rendered, max_prompt_tokens)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    with models.role(base, adapter) as model:
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                             top_p=1.0, top_k=0, eos_token_id=eos, pad_token_id=pad)
+    resp = out[:, enc["input_ids"].shape[1]:]  # (B, T)
+    is_eos = resp == eos
+    # Keep tokens up to and including the first EOS; generate() pads the rest.
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    mask = (~after_eos).float()
+    resp = resp.masked_fill(after_eos, pad)
+    ended = is_eos.any(1)
+    texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(resp, mask)]
+    return Rollout(enc["input_ids"], enc["attention_mask"], resp, mask, ended, list(prompts), texts)
+
+
+def response_logits(model, ro: Rollout, temperature: float) -> torch.Tensor:
+    """Logits that predict each response token, under whatever adapter is active.  -> (B, T, V)
+
+    Divided by the sampling temperature, so log-probs match the distribution that sampled them."""
+    ids, mask = ro.full()
+    Tq = ro.query.shape[1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=generation.positions(mask), use_cache=False)
+    return out.logits[:, Tq - 1:-1, :].float() / temperature  # position t predicts token t+1
+
+
+def response_logprobs(base: SharedBase, adapter: str, ro: Rollout, temperature: float,
+                      batch_size: int) -> torch.Tensor:
+    """log p(response tokens) under a frozen adapter, in chunks.  -> (B, T)"""
+    out = []
+    with torch.no_grad(), models.role(base, adapter) as model:
+        for i in range(0, len(ro.texts), batch_size):
+            part = ro.select(torch.arange(i, min(i + batch_size, len(ro.texts))))
+            out.append(losses.token_logprobs(response_logits(model, part, temperature), part.response))
+    return torch.cat(out) * ro.mask
+
+
+def values(base: SharedBase, ro: Rollout) -> torch.Tensor:
+    """V(s_t) from the `value` adapter + head, for the state before each response token.  -> (B, T)"""
+    ids, mask = ro.full()
+    Tq = ro.query.shape[1]
+    v = models.token_values(base, "value", ids, mask)  # (B, Tq+T)
+    return v[:, Tq - 1:-1]
+
+
+def reward_text(tokenizer, prompt: str, response: str) -> str:
+    """What the reward model reads: the exchange through the chat template, closed like a finished turn.
+    The reward_model stage trains on exactly this rendering."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                         tokenize=False)
+
+
+def score(base: SharedBase, prompts: list[str], responses: list[str], batch_size: int,
+          max_tokens: int) -> torch.Tensor:
+    """Raw reward-model scores of (prompt, response) pairs.  -> (B,)"""
+    return score_texts(base, [reward_text(base.tokenizer, p, r) for p, r in zip(prompts, responses)], batch_size,
+                       max_tokens)
+
+
+@torch.no_grad()
+def score_texts(base: SharedBase, texts: list[str], batch_size: int, max_tokens: int) -> torch.Tensor:
+    """Raw reward-model scores of rendered conversations.  -> (B,)"""
+    out = []
+    with models.role(base, "reward"):
+        for chunk in data.chunks(texts, batch_size):
+            enc, _ = generation.tokenize_left(base, chunk, max_tokens)
+            out.append(models.sequence_scores(base, "reward", enc["input_ids"], enc["attention_mask"]))
+    return torch.cat(out)
+
+
+def load_reward_stats(run_dir: Path) -> dict:
+    """Mean and std of the reward model's scores on its training responses, for normalisation."""
+    return json.loads((run_dir / "reward_model" / "reward_stats.json").read_text())
+
+
+def load_roles(base: SharedBase, run_dir: Path) -> None:
+    """Load what RL needs onto the base: `sft`, its frozen copy `reference`, and `reward` (+ head)."""
+    models.load_adapter(base, "sft", run_dir / "sft" / "adapter")
+    models.load_adapter(base, "reward", run_dir / "reward_model" / "adapter")
+    models.copy_adapter(base, "sft", "reference")  # the KL anchor is the SL-CAI model, not the bare base

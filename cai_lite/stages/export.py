@@ -1,0 +1,45 @@
+"""Stage export: merge a trained adapter into a de-quantized copy of the base, and write a Hugging
+Face folder and GGUF files you can run in llama.cpp or ollama (or use as the llamacpp judge).
+
+Reads `<export.adapter>/adapter/` (sft, ppo, rloo or dpo) and the base model folder. Writes
+`export/hf/` (safetensors + tokenizer + chat template) and `export/model-<type>.gguf` for each
+of `export.gguf_types` (f32, f16, q8_0).
+
+    python run.py recipe=tiny_cpu stages=[export] export.adapter=ppo export.gguf_types=[f16,q8_0]
+    llama-cli -m runs/tiny_cpu/export/model-f16.gguf   # or: ollama create cai -f Modelfile (FROM ./model-f16.gguf)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from cai_lite import models
+from cai_lite.config import Config
+from cai_lite.gguf_export import export_gguf
+from cai_lite.models import SharedBase
+
+log = logging.getLogger(__name__)
+
+
+def check(cfg: Config) -> list[str]:
+    a = cfg.export.adapter
+    if a != "none" and a not in cfg.stages and not (cfg.path / a / "stage.json").is_file():
+        return [f"export.adapter: stage {a!r} has not run in {cfg.path}; add it to stages or pick another"]
+    return []
+
+
+def run(cfg: Config, base: SharedBase, out: Path) -> dict:
+    ec = cfg.export
+    folder = None if ec.adapter == "none" else cfg.path / ec.adapter / "adapter"
+    model = models.merged_copy(base, folder, ec.dtype)
+    hf = out / "hf"
+    model.save_pretrained(hf)
+    base.tokenizer.save_pretrained(hf)
+    del model
+    files = {}
+    for t in ec.gguf_types:
+        path = export_gguf(hf, out / f"model-{t}.gguf", t)
+        files[t] = {"path": str(path), "bytes": path.stat().st_size}
+        log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 2**20)
+    return {"adapter": ec.adapter, "hf_folder": str(hf), "gguf": files}

@@ -1,0 +1,134 @@
+"""Stage label_preferences: RLAIF labels (CAI §4.1). The SL-CAI policy (`sft` adapter) samples
+`num_responses` answers per prompt; every pair is judged under `num_principles` sampled preference
+principles, in both option orders, by one or several judges. The label is soft: P(A better) from
+the log-probs of "(A)" vs "(B)", averaged over orders and principles, then combined across judges.
+
+Reads the training prompts (`data.*`), `sft/adapter/`, the constitution and the judges. Writes
+`label_preferences/part-NNNNN.jsonl` shards (atomic; a rerun resumes at the first missing one),
+rows with `prompt, response_a, response_b, p_a, confidence, chosen, rejected, judges` (per judge,
+per principle, per order, CoT text). Failed labels keep `p_a: null` and are counted.
+
+    python run.py recipe=tiny_cpu stages=[critique_revise,sft,label_preferences] judge=llamacpp judge.gguf_path=x.gguf
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cai_lite import constitution as C
+from cai_lite import data, generation, judges, models, voting
+from cai_lite.config import Config
+from cai_lite.models import SharedBase
+
+log = logging.getLogger(__name__)
+
+
+def check(cfg: Config) -> list[str]:
+    errors = judges.check(cfg)
+    try:
+        const = C.load(cfg.constitution)
+        if not const.preference:
+            errors.append(f"constitution: {const.source} has no preference principles, which RLAIF labelling needs "
+                          f"({'; '.join(const.notes) or 'add a preference: list'})")
+    except C.ConstitutionError as e:
+        errors.append(f"constitution: {e}")
+    return errors
+
+
+def run(cfg: Config, base: SharedBase, out: Path) -> dict:
+    lp = cfg.label_preferences
+    const = C.load(cfg.constitution)
+    prompts = data.prompt_split(cfg).train
+    prompts = prompts[: lp.max_prompts] if lp.max_prompts else prompts
+    models.load_adapter(base, "sft", cfg.path / "sft" / "adapter")
+    panel = judges.build(cfg, base)
+    seconds = {j.name: 0.0 for j in panel}
+    compared = 0
+    try:
+        for index, shard in enumerate(tqdm(data.chunks(prompts, lp.shard_size), desc="label shards")):
+            path = data.shard_path(out, index)
+            if path.is_file():
+                continue
+            rows, n = _label_shard(cfg, base, const, panel, shard, seconds)
+            compared += n
+            data.write_shard(path, rows)
+    finally:
+        for j in panel:
+            j.close()
+    rows = data.read_shards(out)
+    return _metrics(cfg, rows, panel, seconds, compared)
+
+
+def _label_shard(cfg: Config, base: SharedBase, const: C.Constitution, panel: list, shard: list,
+                 seconds: dict) -> tuple[list[dict], int]:
+    lp, k = cfg.label_preferences, cfg.label_preferences.num_responses
+    rendered = [data.render(base.tokenizer, [{"role": "user", "content": p.text}]) for p in shard]
+    sampled = generation.generate(base, [r for r in rendered for _ in range(k)], "sft", cfg.generation,
+                                  temperature=lp.temperature, desc="responses")
+    comps, meta = [], []
+    for pi, p in enumerate(shard):
+        answers = sampled.texts[pi * k:(pi + 1) * k]
+        for i, j in itertools.combinations(range(k), 2):
+            rng = C.rng_for(cfg.seed, f"{p.id}:{i}:{j}")
+            principles = C.sample(const.preference, lp.num_principles, rng)
+            comps.append(judges.Comparison(data.conversation_text(p.text), answers[i], answers[j], principles))
+            meta.append(p)
+    demos = const.preference_demos[: lp.few_shot]
+    per_judge = {}
+    for judge in panel:
+        start = time.perf_counter()
+        per_judge[judge.name] = judges.compare(judge, comps, lp.both_orders, demos, lp.cot, lp.cot_max_new_tokens)
+        seconds[judge.name] += time.perf_counter() - start
+    rows = []
+    for ci, (c, p) in enumerate(zip(comps, meta)):
+        p_a = voting.vote([per_judge[j.name][ci].p_a for j in panel], cfg.judge_vote)
+        user = {"role": "user", "content": p.text}
+        better, worse = (c.response_a, c.response_b) if p_a is None or p_a >= 0.5 else (c.response_b, c.response_a)
+        rows.append({
+            "id": f"{p.id}:{ci}",
+            "prompt": p.text,
+            "response_a": c.response_a,
+            "response_b": c.response_b,
+            "p_a": p_a,
+            "confidence": None if p_a is None else abs(p_a - 0.5),
+            "chosen": None if p_a is None else [user, {"role": "assistant", "content": better}],
+            "rejected": None if p_a is None else [user, {"role": "assistant", "content": worse}],
+            "judges": {j.name: {"p_a": per_judge[j.name][ci].p_a, "principles": per_judge[j.name][ci].details}
+                       for j in panel},
+        })
+    return rows, len(comps)
+
+
+def _metrics(cfg: Config, rows: list[dict], panel: list, seconds: dict, compared: int) -> dict:
+    names = [j.name for j in panel]
+    failed = sum(r["p_a"] is None for r in rows)
+    per_judge = {}
+    for name in names:
+        cells = [d for r in rows for d in r["judges"][name]["principles"]]
+        per_judge[name] = {
+            "failures": sum(r["judges"][name]["p_a"] is None for r in rows),
+            "position_consistency": voting.rate([voting.position_consistent(d["p_ab"], d["p_ba"]) for d in cells]),
+            # How often slot (A) won before averaging: 0.5 for an unbiased judge (RLAIF App. B saw 0.56).
+            "first_slot_preference": voting.rate([None if d["p_ab"] is None else d["p_ab"] > 0.5 for d in cells]),
+            "preferences_per_second": round(compared / seconds[name], 3) if seconds.get(name) else None,
+        }
+    for j in panel:
+        per_judge[j.name]["hard_labels"] = j.hard_labels
+    labels = [r["p_a"] for r in rows if r["p_a"] is not None]
+    metrics = {
+        "labels": len(labels),
+        "failures": failed,
+        "failure_rate": failed / len(rows) if rows else None,
+        "mean_confidence": sum(abs(p - 0.5) for p in labels) / len(labels) if labels else None,
+        "judges": per_judge,
+        "agreement": voting.agreement([[r["judges"][n]["p_a"] for r in rows] for n in names]) if len(names) > 1 else None,
+        "vote": cfg.judge_vote,
+    }
+    log.info("%d labels, %d failed; %s", len(labels), failed,
+             ", ".join(f"{n}: consistency {v['position_consistency']}" for n, v in per_judge.items()))
+    return metrics

@@ -1,0 +1,188 @@
+"""Stage ppo: PPO with a KL penalty toward the SL-CAI model (Ziegler et al. 2019; Ouyang et al. 2022;
+CAI §4), every role an adapter on the one shared base. TRL 1.16 deleted its PPOTrainer, so it is ours.
+
+Roles, switched by `models.role` (which restores the active adapter and requires_grad):
+  - policy:    trainable LoRA, initialised as a copy of `sft`;
+  - reference: frozen copy of `sft`; the KL anchor is the SL-CAI model, not the bare base;
+  - reward:    frozen adapter + head from the reward_model stage;
+  - value:     its own LoRA adapter + head, initialised from `reward` (as InstructGPT and TRL's PPOv2
+               did). A head on the policy's own hidden states would save one forward, but then value
+               gradients move the policy's adapter; a separate value adapter keeps the two apart.
+
+Reads `sft/adapter`, `reward_model/adapter`, `reward_model/reward_stats.json` and the prompts.
+Writes `ppo/adapter/` (the policy), `ppo/log.jsonl` (one line per step) and TensorBoard logs.
+
+    python run.py recipe=tiny_cpu stages=[ppo]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from cai_lite import data, losses, models, rollout
+from cai_lite.config import Config
+from cai_lite.models import SharedBase
+
+log = logging.getLogger(__name__)
+
+
+def check(cfg: Config) -> list[str]:
+    if cfg.ppo.prompts and not Path(cfg.ppo.prompts).exists():
+        return [f"ppo.prompts: {cfg.ppo.prompts}: file not found"]
+    return []
+
+
+class KLController:
+    """Fixed coefficient, or the adaptive one of Ziegler et al. 2019 §2.2 when kl_target > 0."""
+
+    def __init__(self, coef: float, target: float, horizon: int):
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target > 0:
+            error = max(-0.2, min(0.2, kl / self.target - 1))  # proportional, clipped
+            self.coef *= 1 + error * n / self.horizon
+
+
+def prompt_stream(prompts: list[str], batch: int, seed: int):
+    """Endless batches of prompts, reshuffled (seeded) each pass."""
+    rng, order = random.Random(seed), []
+    while True:
+        if len(order) < batch:
+            more = list(prompts)
+            rng.shuffle(more)
+            order += more
+        yield order[:batch]
+        order = order[batch:]
+
+
+def rl_prompts(cfg: Config, source: str) -> list[str]:
+    if source:
+        return [p.text for p in data.read_prompts(source)]
+    return [p.text for p in data.prompt_split(cfg).train]
+
+
+def run(cfg: Config, base: SharedBase, out: Path) -> dict:
+    pc, g = cfg.ppo, cfg.generation
+    rollout.load_roles(base, cfg.path)
+    stats = rollout.load_reward_stats(cfg.path)
+    models.copy_adapter(base, "sft", "policy")
+    models.copy_adapter(base, "reward", "value")  # adapter + head, as a warm start for V(s)
+    params = models.adapter_parameters(base, "policy") + models.adapter_parameters(base, "value")
+    opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=0.0)
+    kl_ctl = KLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
+    stream = prompt_stream(rl_prompts(cfg, pc.prompts), pc.batch_size, cfg.seed)
+    writer = SummaryWriter(str(out / "tensorboard"))
+    history = []
+    with (out / "log.jsonl").open("w") as log_file:
+        for step in (bar := tqdm(range(pc.steps), desc="ppo")):
+            rec = ppo_step(cfg, base, next(stream), stats, kl_ctl, opt, params)
+            rec["step"] = step
+            history.append(rec)
+            log_file.write(json.dumps(rec) + "\n")
+            for k, v in rec.items():
+                writer.add_scalar(f"ppo/{k}", v, step)
+            bar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl']:.3f}")
+    writer.close()
+    models.save_adapter(base, "policy", out / "adapter")
+    k = max(1, min(3, len(history) // 3))
+    first = sum(h["reward"] for h in history[:k]) / k
+    last = sum(h["reward"] for h in history[-k:]) / k
+    log.info("ppo: reward %.3f -> %.3f over %d steps (means of %d), KL %.3f", first, last, len(history), k,
+             history[-1]["kl"])
+    return {
+        "algorithm": "ppo",
+        "steps": len(history),
+        "reward_first": first,
+        "reward_last": last,
+        "reward_rose": last > first,
+        "kl_last": history[-1]["kl"],
+        "kl_max": max(h["kl"] for h in history),
+        "kl_coef_last": kl_ctl.coef,
+        "value_head": "separate `value` adapter + head, initialised from the reward model",
+        "when_to_use": "PPO: the most sample-efficient of the three and the CAI paper's choice; it trains a value "
+                       "function, so it costs the most memory and compute per step.",
+    }
+
+
+def ppo_step(cfg: Config, base: SharedBase, prompts: list[str], stats: dict, kl_ctl: KLController,
+             opt: torch.optim.Optimizer, params: list) -> dict:
+    """One rollout and its updates. Returns the step's metrics."""
+    pc, g = cfg.ppo, cfg.generation
+    # 1. Rollout: sample with the current policy (pure sampling, so log-prob ratios are exact).
+    ro = rollout.sample(base, "policy", prompts, pc.max_new_tokens, pc.temperature, g.max_prompt_tokens)
+    mask = ro.mask  # (B, T)
+    with torch.no_grad():
+        # 2. Old log-probs (policy) and the anchor (reference), same forward, two adapters.
+        old_logp = rollout.response_logprobs(base, "policy", ro, pc.temperature, pc.minibatch_size)  # (B, T)
+        ref_logp = rollout.response_logprobs(base, "reference", ro, pc.temperature, pc.minibatch_size)  # (B, T)
+        # 3. Sequence reward: RM score normalised by its training statistics, minus a penalty for no EOS.
+        raw = rollout.score(base, ro.prompts, ro.texts, pc.minibatch_size, g.max_prompt_tokens + pc.max_new_tokens)
+        score = (raw - stats["mean"]) / (stats["std"] + 1e-8)
+        score = score - pc.missing_eos_penalty * (~ro.ended).float()
+        # 4. Per-token rewards: -beta * KL at every token, the score on the last real token.
+        kl = losses.kl_penalty(old_logp, ref_logp) * mask  # (B, T)
+        rewards = -kl_ctl.coef * kl
+        last = (mask.sum(1).long() - 1).clamp(min=0)  # (B,)
+        rewards[torch.arange(len(last)), last] += score
+        # 5. Values and GAE advantages, whitened over the batch (variance reduction).
+        with models.role(base, "value"):
+            old_values = rollout.values(base, ro) * mask  # (B, T)
+        adv, returns = losses.gae(rewards, old_values, mask, pc.gamma, pc.lam)
+        adv = losses.whiten(adv, mask) * mask
+    # 6. Several epochs of clipped updates over minibatches.
+    with models.training_mode(base):
+        agg, n = _update(cfg, base, ro, old_logp, old_values, adv, returns, opt, params)
+    kl_seq = kl.sum(1).mean().item()
+    used_coef = kl_ctl.coef
+    kl_ctl.update(kl_seq, len(ro.texts))
+    return {
+        "reward": raw.mean().item(),
+        "score_normalised": score.mean().item(),
+        "kl": kl_seq,
+        "kl_coef": used_coef,
+        "response_length": mask.sum(1).mean().item(),
+        "ended_with_eos": ro.ended.float().mean().item(),
+        **{k: v / n for k, v in agg.items()},
+    }
+
+
+def _update(cfg: Config, base: SharedBase, ro: rollout.Rollout, old_logp: torch.Tensor, old_values: torch.Tensor,
+            adv: torch.Tensor, returns: torch.Tensor, opt: torch.optim.Optimizer, params: list) -> tuple[dict, int]:
+    """`ppo_epochs` passes of clipped policy and value updates over shuffled minibatches."""
+    pc = cfg.ppo
+    B = len(ro.texts)
+    agg = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "entropy": 0.0}
+    n = 0
+    for _ in range(pc.ppo_epochs):
+        perm = torch.randperm(B)
+        for mb_i, start in enumerate(range(0, B, pc.minibatch_size)):
+            idx = perm[start:start + pc.minibatch_size]
+            mb = ro.select(idx)
+            with models.role(base, "policy", trainable=True) as model:
+                logits = rollout.response_logits(model, mb, pc.temperature)  # (b, T, V)
+                logp = losses.token_logprobs(logits, mb.response)
+                pl, clipfrac = losses.ppo_policy_loss(logp, old_logp[idx], adv[idx], mb.mask, pc.clip_range)
+                (pl / pc.grad_accum).backward()
+                ent = losses.masked_mean(losses.entropy(logits.detach()), mb.mask)
+            with models.role(base, "value", trainable=True):
+                v = rollout.values(base, mb)
+                vl = losses.ppo_value_loss(v, old_values[idx], returns[idx], mb.mask, pc.clip_range_value)
+                (pc.vf_coef * vl / pc.grad_accum).backward()
+            if (mb_i + 1) % pc.grad_accum == 0 or start + pc.minibatch_size >= B:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad()
+            agg["policy_loss"] += pl.item()
+            agg["value_loss"] += vl.item()
+            agg["clipfrac"] += clipfrac.item()
+            agg["entropy"] += ent.item()
+            n += 1
+    return agg, n

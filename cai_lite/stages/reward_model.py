@@ -1,0 +1,121 @@
+"""Stage reward_model: the `reward` LoRA adapter + a scalar head on the shared base, trained on the
+judge's soft labels with the Bradley-Terry cross-entropy (CAI §4.1). TRL's RewardTrainer takes no
+soft labels, so the loop is ours: it is short.
+
+Reads `label_preferences/part-*.jsonl` (rows with p_a; failed labels are skipped and counted).
+Writes `reward_model/adapter/` (PEFT folder + head.safetensors), `reward_model/reward_stats.json`
+(mean/std of scores on the training responses, for normalising RL rewards), and `log.jsonl`.
+
+    python run.py recipe=tiny_cpu stages=[reward_model]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from cai_lite import data, generation, losses, models, rollout
+from cai_lite.config import Config
+from cai_lite.models import SharedBase
+
+log = logging.getLogger(__name__)
+
+
+def pair_scores(base: SharedBase, rows: list[dict], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of response_a and response_b for each row, under the active adapter.  -> (B,), (B,)"""
+    texts = [rollout.reward_text(base.tokenizer, r["prompt"], r[k]) for k in ("response_a", "response_b") for r in rows]
+    enc, _ = generation.tokenize_left(base, texts, max_tokens)
+    s = models.sequence_scores(base, "reward", enc["input_ids"], enc["attention_mask"])  # (2B,)
+    return s[: len(rows)], s[len(rows):]
+
+
+def loss_fn(cfg: Config, r_a: torch.Tensor, r_b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    rm = cfg.reward_model
+    if rm.loss == "soft":
+        return losses.soft_bt_loss(r_a, r_b, p)
+    if rm.loss == "hard":
+        return losses.hard_bt_loss(r_a, r_b, p)
+    return losses.margin_bt_loss(r_a, r_b, p, rm.margin)
+
+
+@torch.no_grad()
+def evaluate_pairs(base: SharedBase, rows: list[dict], batch_size: int, max_tokens: int) -> dict:
+    """Accuracy against the label's side (ties excluded) and calibration (mean predicted vs label)."""
+    preds, labels = [], []
+    with models.role(base, "reward"):
+        for chunk in data.chunks(rows, batch_size):
+            r_a, r_b = pair_scores(base, chunk, max_tokens)
+            preds += torch.sigmoid(r_a - r_b).tolist()
+            labels += [r["p_a"] for r in chunk]
+    decided = [(p, y) for p, y in zip(preds, labels) if y != 0.5]
+    return {
+        "accuracy": sum((p > 0.5) == (y > 0.5) for p, y in decided) / len(decided) if decided else None,
+        "mean_predicted": sum(preds) / len(preds) if preds else None,
+        "mean_label": sum(labels) / len(labels) if labels else None,
+        "brier": sum((p - y) ** 2 for p, y in zip(preds, labels)) / len(preds) if preds else None,
+        "n": len(rows),
+    }
+
+
+def run(cfg: Config, base: SharedBase, out: Path) -> dict:
+    rm = cfg.reward_model
+    all_rows = data.read_shards(cfg.path / "label_preferences")
+    rows = [r for r in all_rows if r["p_a"] is not None]
+    if len(rows) < 2:
+        raise ValueError(f"{cfg.path / 'label_preferences'}: {len(rows)} usable labels; the reward model needs at least 2")
+    random.Random(cfg.seed).shuffle(rows)
+    n_eval = max(1, int(round(len(rows) * rm.eval_fraction)))
+    held, train = rows[:n_eval], rows[n_eval:]
+    if "reward" in base.adapters:
+        models.delete_adapter(base, "reward")
+    models.add_adapter(base, "reward")
+    models.add_head(base, "reward")
+    params = models.adapter_parameters(base, "reward")
+    opt = torch.optim.AdamW(params, lr=rm.lr, weight_decay=0.0)
+    history = []
+    batches = [train[i:i + rm.batch_size] for e in range(rm.epochs)
+               for i in range(0, len(train), rm.batch_size)]
+    with models.role(base, "reward", trainable=True) as model:
+        model.train()
+        for step, chunk in enumerate(tqdm(batches, desc="reward model")):
+            r_a, r_b = pair_scores(base, chunk, rm.max_seq_len)
+            p = torch.tensor([r["p_a"] for r in chunk], device=r_a.device)
+            loss = loss_fn(cfg, r_a, r_b, p)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            history.append({"step": step, "loss": loss.item()})
+        model.eval()
+    models.freeze(base, "reward")
+    evaluation = evaluate_pairs(base, held, rm.batch_size, rm.max_seq_len)
+    scores = rollout.score(base, [r["prompt"] for r in train for _ in (0, 1)],
+                           [r[k] for r in train for k in ("response_a", "response_b")], rm.batch_size, rm.max_seq_len)
+    stats = {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 1.0}
+    models.save_adapter(base, "reward", out / "adapter")
+    base.sources["reward"] = str((out / "adapter").resolve())
+    (out / "reward_stats.json").write_text(json.dumps(stats) + "\n")
+    (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    acct = models.memory_account(base)
+    k = max(1, len(history) // 5)
+    metrics = {
+        "train_pairs": len(train),
+        "eval_pairs": len(held),
+        "skipped_failed_labels": len(all_rows) - len(rows),
+        "loss": rm.loss,
+        "loss_first": sum(h["loss"] for h in history[:k]) / k,
+        "loss_last": sum(h["loss"] for h in history[-k:]) / k,
+        "eval_accuracy": evaluation["accuracy"],
+        "eval_calibration": evaluation,
+        "reward_stats": stats,
+        "adapter_bytes": acct["adapter_bytes"]["reward"],
+        "head_bytes": acct["head_bytes"]["reward"],
+    }
+    log.info("reward model: loss %.3f -> %.3f, held-out accuracy %s", metrics["loss_first"], metrics["loss_last"],
+             evaluation["accuracy"])
+    return metrics

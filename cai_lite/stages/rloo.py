@@ -1,0 +1,85 @@
+"""Stage rloo: REINFORCE leave-one-out (Ahmadian et al. 2024) with TRL's RLOOTrainer, on the shared base.
+
+Each prompt gets `rloo.num_samples` responses; each response's baseline is the mean reward of the
+others. No value function, so it needs less memory than PPO. TRL shares our base cleanly:
+  - the trained adapter is a copy of `sft` handed over by `models.trl_policy`, so TRL's reference
+    (its frozen `ref` copy of that adapter) is the SL-CAI model, as CAI's KL anchor should be;
+  - the reward function scores through the `reward` adapter + head on the same base object, inside
+    `models.role`, which restores TRL's adapter and requires_grad afterwards: no second model load.
+
+Reads `sft/adapter`, `reward_model/adapter`, `reward_model/reward_stats.json` and the prompts.
+Writes `rloo/adapter/`, `rloo/log.jsonl` (per step) and TensorBoard logs under `rloo/trainer/`.
+
+    python run.py recipe=tiny_cpu stages=[rloo]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from trl import RLOOConfig, RLOOTrainer
+
+from cai_lite import data, models, rollout
+from cai_lite.config import Config, trl_args
+from cai_lite.models import SharedBase
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, base: SharedBase, out: Path) -> dict:
+    rc, g = cfg.rloo, cfg.generation
+    rollout.load_roles(base, cfg.path)
+    stats = rollout.load_reward_stats(cfg.path)
+    eos = base.tokenizer.eos_token_id
+    raw_means: list[float] = []
+
+    def reward_fn(prompts, completions, completion_ids, **_) -> list[float]:
+        # Conversational rows: the prompt is a message list, the completion a one-message list.
+        ps = [p[-1]["content"] for p in prompts]
+        cs = [c[-1]["content"] for c in completions]
+        raw = rollout.score(base, ps, cs, g.batch_size, g.max_prompt_tokens + rc.max_new_tokens)
+        raw_means.append(raw.mean().item())
+        score = (raw - stats["mean"]) / (stats["std"] + 1e-8)
+        no_eos = torch.tensor([not ids or ids[-1] != eos for ids in completion_ids], dtype=score.dtype)
+        return (score - rc.missing_eos_penalty * no_eos).tolist()
+
+    prompts = [p.text for p in data.prompt_split(cfg).train]
+    needed = rc.steps * rc.batch_size
+    rows = [{"prompt": [{"role": "user", "content": prompts[i % len(prompts)]}]} for i in range(needed)]
+    args = RLOOConfig(
+        **trl_args(cfg, base.device.type, out),
+        per_device_train_batch_size=rc.batch_size * rc.num_samples,  # completions per step
+        num_generations=rc.num_samples,
+        max_completion_length=rc.max_new_tokens,
+        temperature=rc.temperature,
+        learning_rate=rc.lr,
+        beta=rc.kl_coef,
+        max_steps=rc.steps,
+    )
+    with models.trl_policy(base, "sft") as model:
+        trainer = RLOOTrainer(model=model, reward_funcs=[reward_fn], args=args, train_dataset=Dataset.from_list(rows),
+                              processing_class=base.tokenizer)
+        trainer.train()
+        models.save_adapter(base, "default", out / "adapter")
+    history = [h for h in trainer.state.log_history if "reward" in h]
+    with (out / "log.jsonl").open("w") as f:
+        for h, raw in zip(history, raw_means):
+            f.write(json.dumps({**h, "reward_raw": raw}) + "\n")
+    k = max(1, min(3, len(raw_means) // 3))
+    first, last = sum(raw_means[:k]) / k, sum(raw_means[-k:]) / k
+    log.info("rloo: reward %.3f -> %.3f over %d steps", first, last, len(raw_means))
+    return {
+        "algorithm": "rloo",
+        "steps": len(history),
+        "reward_first": first,
+        "reward_last": last,
+        "reward_rose": last > first,
+        "kl_last": history[-1].get("kl") if history else None,
+        "kl_max": max((h.get("kl") or 0.0) for h in history) if history else None,
+        "when_to_use": "RLOO: no value function, so less memory and fewer moving parts than PPO; needs several "
+                       "samples per prompt (rloo.num_samples) for its leave-one-out baseline.",
+    }

@@ -1,0 +1,89 @@
+"""Stage sft: fine-tune the `sft` LoRA adapter on the shared NF4 base with TRL's SFTTrainer, on the
+revisions from critique_revise (CAI §3). The loss covers the completion (the revision) only.
+
+Reads `critique_revise/part-*.jsonl`. Writes `sft/adapter/` (PEFT format, safetensors), TensorBoard
+logs under `sft/trainer/`, and `sft/train_log.jsonl` (the trainer's log history).
+
+    python run.py recipe=tiny_cpu stages=[critique_revise,sft]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from cai_lite import data, models
+from cai_lite.config import Config, trl_args
+from cai_lite.models import SharedBase
+
+log = logging.getLogger(__name__)
+
+
+def sft_rows(rows: list[dict], targets: str, helpful_mix: float, seed: int) -> list[dict]:
+    """Prompt/completion rows in TRL's conversational format. `all_rounds` adds every round's revision
+    (the paper trains on all of them); helpful rows are kept at `helpful_mix` per harmless row."""
+    out = []
+    harmless = [r for r in rows if r["type"] == "harmless"]
+    helpful = [r for r in rows if r["type"] == "helpful"]
+    for r in harmless:
+        revisions = [x["revision"] for x in r["rounds"]] if targets == "all_rounds" else [r["revision_response"]]
+        for rev in revisions:
+            out.append({"prompt": [{"role": "user", "content": r["prompt"]}],
+                        "completion": [{"role": "assistant", "content": rev}]})
+    keep = min(len(helpful), int(round(helpful_mix * len(harmless))))
+    for r in random.Random(seed).sample(helpful, keep):
+        out.append({"prompt": [{"role": "user", "content": r["prompt"]}],
+                    "completion": [{"role": "assistant", "content": r["init_response"]}]})
+    return out
+
+
+def losses(history: list[dict]) -> list[float]:
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def run(cfg: Config, base: SharedBase, out: Path) -> dict:
+    s = cfg.sft
+    rows = data.read_shards(cfg.path / "critique_revise")
+    train = sft_rows(rows, s.targets, s.helpful_mix, cfg.seed)
+    if not train:
+        raise ValueError(f"{cfg.path / 'critique_revise'}: no rows to train on")
+    if "sft" in base.adapters:
+        models.delete_adapter(base, "sft")
+    models.add_adapter(base, "sft")
+    args = SFTConfig(
+        **trl_args(cfg, base.device.type, out),
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.lr,
+        num_train_epochs=s.epochs,
+        max_steps=s.max_steps,
+        max_length=s.max_seq_len,
+        warmup_steps=s.warmup_ratio,  # transformers 5: a float below 1 is a ratio of total steps
+        completion_only_loss=True,  # the loss is on the revision, not on the red-team prompt
+    )
+    with models.role(base, "sft", trainable=True) as model:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
+                             processing_class=base.tokenizer)
+        result = trainer.train()
+    base.model.eval()
+    models.save_adapter(base, "sft", out / "adapter")
+    base.sources["sft"] = str((out / "adapter").resolve())
+    history = trainer.state.log_history
+    (out / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    ls = losses(history)
+    tokens = max((h.get("num_tokens", 0) for h in history), default=0)
+    metrics = {
+        "train_rows": len(train),
+        "steps": trainer.state.global_step,
+        "loss_first": ls[0] if ls else None,
+        "loss_last": ls[-1] if ls else None,
+        "tokens_per_second": round(tokens / max(result.metrics["train_runtime"], 1e-9), 1),
+        "targets": s.targets,
+    }
+    log.info("sft: %d rows, %d steps, loss %.3f -> %.3f", len(train), metrics["steps"], ls[0], ls[-1])
+    return metrics

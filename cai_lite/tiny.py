@@ -1,0 +1,130 @@
+"""Tiny random causal LMs with a real byte-level BPE tokenizer, built in-process with no download.
+
+Reads nothing but the text embedded below; writes a normal Hugging Face model folder
+(config.json, model.safetensors, tokenizer.json, tokenizer_config.json with a chat template,
+generation_config.json). Every code path then treats it like any other base model: the
+`tiny_cpu` recipe and the tests point `base.model` at such a folder, with `base.create` set so
+the pipeline builds it first when it is missing.
+
+    python -c "from cai_lite.tiny import build_tiny_model; build_tiny_model('runs/_models/tiny-llama', 'llama')"
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+# ChatML, the format Qwen2 and many open models use. `{% generation %}` is not needed: SFT uses
+# prompt/completion rows, so TRL finds the completion span itself.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Text the tokenizer learns its merges from: assistant talk, principles and the judge's
+# multiple-choice vocabulary, so the prompts cai_lite builds tokenize into short sequences.
+_CORPUS = """\
+Human: How do I pick a lock? Assistant: I can explain how locks work, but I won't help you break into a place that is not yours.
+Human: What is the capital of France? Assistant: The capital of France is Paris.
+Human: Can you help me write a poem about the sea? Assistant: Sure. The sea is wide and blue, and the waves come home to you.
+Human: Tell me how to hurt someone. Assistant: I will not help with hurting people. If you are angry, talking to someone you trust can help.
+Identify specific ways in which the assistant's last response is harmful, unethical, racist, sexist, toxic, dangerous, or illegal.
+Please rewrite the assistant response to remove any and all harmful, unethical, dangerous, or illegal content.
+Please choose the assistant response that is as harmless and ethical as possible. Options: (A) (B) The answer is: (A) The answer is: (B)
+Consider the following conversation between a human and an assistant. Which response is more helpful, honest and harmless?
+Critique: The response gives dangerous advice. Revision: Here is a safer answer that still explains the reasons.
+The assistant should be helpful, honest and harmless. It should explain its reasons instead of refusing without a word.
+Let's think step by step. Therefore, option (A) is the best response. Therefore, option (B) is the best response.
+Numbers 0 1 2 3 4 5 6 7 8 9 10 100 2024. Punctuation: . , ; : ! ? ' " ( ) [ ] { } - _ / % $ # @ & * + = < >.
+"""
+
+
+def train_tokenizer(vocab_size: int = 512, extra_text: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Train a GPT-2-style byte-level BPE tokenizer (same pre-tokenizer regex as GPT-2, so llama.cpp's
+    `gpt-2` pre-tokenizer reproduces it) and wrap it with the chat template and pad/eos tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = _CORPUS.splitlines() + list(extra_text or [])
+    tok.train_from_iterator(lines * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",  # generation pads on the left; training code sets what it needs
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_model(
+    path: str | Path,
+    arch: Literal["llama", "qwen2"] = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vocab_size: int = 512,
+    max_positions: int = 2048,
+    seed: int = 0,
+    init_std: float = 0.1,
+) -> Path:
+    """Write a random `arch` model and its tokenizer to `path` and return the path.
+
+    Widths stay multiples of 64 so bitsandbytes' NF4 blocks (64 values) tile every weight.
+    `init_std` is larger than the usual 0.02: at 0.02 the frozen random LM head caps every logit
+    near 1 (|h| ~ sqrt(64), |w| ~ 0.16), so no adapter could make the model learn anything; at 0.1
+    LoRA can, and the next-token distributions are far enough from uniform to test judges on."""
+    path = Path(path)
+    tokenizer = train_tokenizer(vocab_size)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=init_std,
+    )
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(f"tiny model arch must be 'llama' or 'qwen2' (got {arch!r})")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "cai_lite_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed}) + "\n")
+    return path

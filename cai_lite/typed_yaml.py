@@ -1,0 +1,214 @@
+"""Fill typed dataclasses from YAML data and `key=value` overrides, collecting every error.
+
+Reads nothing from disk; `config.py` hands it the recipe's parsed YAML and the command line.
+The schema is plain dataclasses whose fields carry a docstring (the string literal right after
+the field), which `field_docs()` reads back for `--help`.
+
+    python -c "from cai_lite.config import Config; from cai_lite.typed_yaml import describe; print(describe(Config))"
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from functools import cache
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, reported together."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of dataclass `cls` to the docstring written under it."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, sections included."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        t = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += all_keys(t, key + ".")
+    return keys
+
+
+def type_name(t: Any) -> str:
+    origin = typing.get_origin(t)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(t))
+    if origin is list:
+        return f"list[{type_name(typing.get_args(t)[0])}]"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(t))
+    return getattr(t, "__name__", str(t))
+
+
+def _coerce(value: Any, t: Any, key: str, errors: list[str], raw: str | None) -> Any:
+    """Return `value` as type `t`, or append an error naming `key` and return None."""
+
+    def bad() -> None:
+        shown = raw if raw is not None else value
+        errors.append(f"{key}: expected {type_name(t)}, got {shown!r}")
+
+    origin = typing.get_origin(t)
+    if dataclasses.is_dataclass(t):
+        if isinstance(value, str) and getattr(t, "SHORTHAND", None):
+            # e.g. `judge=llamacpp` means `judge.backend=llamacpp`
+            return {t.SHORTHAND: value}
+        if not isinstance(value, dict):
+            return bad()
+        return value
+    if origin is Literal:
+        choices = typing.get_args(t)
+        if value in choices:
+            return value
+        errors.append(f"{key}: expected one of {', '.join(map(str, choices))}, got {raw if raw is not None else value!r}")
+        return None
+    if origin is list:
+        (item_t,) = typing.get_args(t)
+        if isinstance(value, str) and raw is not None and not raw.startswith("["):
+            value = [v.strip() for v in value.split(",") if v.strip()]  # `stages=sft,ppo` also works
+        if not isinstance(value, list):
+            return bad()
+        out = []
+        for i, v in enumerate(value):
+            item = _coerce(v, item_t, f"{key}[{i}]", errors, None)
+            if dataclasses.is_dataclass(item_t) and isinstance(item, dict):
+                item = build(item_t, item, f"{key}[{i}].", errors)
+            out.append(item)
+        return out
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        return bad()
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        return bad()
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads `1e-4` as a string; users mean the number
+            except ValueError:
+                pass
+        return bad()
+    if t is str:
+        if raw is not None:
+            return raw  # the command line text as typed: `run_name=007` stays "007"
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return bad()
+    raise TypeError(f"{key}: unsupported schema type {t}")
+
+
+def _unknown(key: str, known: list[str], errors: list[str]) -> None:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    errors.append(f"{key}: no such key{hint}")
+
+
+def build(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
+    """Instantiate `cls` from nested `data`, defaults filling the gaps; errors are appended."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + str(name)
+        if name not in known:
+            _unknown(key, all_keys(cls, prefix), errors)
+            continue
+        t = _hints(cls)[name]
+        v = _coerce(value, t, key, errors, None)
+        if v is None:
+            continue
+        if dataclasses.is_dataclass(t):
+            v = build(t, v, key + ".", errors)
+        kwargs[name] = v
+    return cls(**kwargs)
+
+
+def parse_override(arg: str) -> tuple[str, Any, str] | None:
+    """`a.b=[x,y]` -> ("a.b", ["x", "y"], "[x,y]"); None if `arg` has no `=`."""
+    if "=" not in arg:
+        return None
+    key, raw = arg.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value, raw
+
+
+def apply_override(obj: Any, root: type, key: str, value: Any, raw: str, errors: list[str]) -> None:
+    """Set dotted `key` on the dataclass tree `obj`, coercing `value` to the field's type."""
+    parts = key.split(".")
+    target, cls = obj, root
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(cls)}
+        if part not in names:
+            _unknown(key, all_keys(root), errors)
+            return
+        t = _hints(cls)[part]
+        if i == len(parts) - 1:
+            v = _coerce(value, t, key, errors, raw if not isinstance(value, (dict, list)) else None)
+            if v is None:
+                return
+            if dataclasses.is_dataclass(t):
+                # A whole section (or its shorthand) replaces only the fields it names.
+                current = dataclasses.asdict(getattr(target, part))
+                current.update(v)
+                v = build(t, current, key + ".", errors)
+            setattr(target, part, v)
+            return
+        if not dataclasses.is_dataclass(t):
+            errors.append(f"{key}: {'.'.join(parts[: i + 1])} is a {type_name(t)}, not a section")
+            return
+        target, cls = getattr(target, part), t
+
+
+def describe(cls: type, prefix: str = "", obj: Any = None) -> list[str]:
+    """One line per key: name, type, default, docstring (for `--help`)."""
+    obj = obj if obj is not None else cls()
+    lines = []
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        t = _hints(cls)[f.name]
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(t):
+            lines.append(f"\n  [{prefix}{f.name}] {docs.get(f.name, '')}")
+            lines += describe(t, prefix + f.name + ".", value)
+            continue
+        default = value if not isinstance(value, list) or not value or not dataclasses.is_dataclass(value[0]) else "[...]"
+        lines.append(f"  {prefix}{f.name}: {type_name(t)} = {default!r}\n      {docs.get(f.name, '')}")
+    return lines

@@ -1,0 +1,128 @@
+"""Recipes, overrides and the promised error messages of `python run.py`.
+
+    python -m pytest tests/test_config.py -q
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cai_lite.config import Config
+from cai_lite.recipe import available_recipes, help_text, load_config
+from cai_lite.typed_yaml import ConfigError, all_keys, field_docs
+
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("name", sorted(available_recipes()))
+def test_every_recipe_loads_and_validates(name):
+    cfg = load_config([f"recipe={name}"])
+    assert cfg.recipe == name
+    assert cfg.path.name == (cfg.run_name or name)
+    assert available_recipes()[name], f"recipes/{name}.yaml needs a description"
+
+
+def test_recipes_include_the_two_promised():
+    assert {"tiny_cpu", "7b_qlora"} <= set(available_recipes())
+
+
+def test_no_recipe_means_the_default():
+    assert load_config([]).recipe == "tiny_cpu"
+
+
+def _errors(argv):
+    with pytest.raises(ConfigError) as e:
+        load_config(argv)
+    return e.value.errors
+
+
+def test_unknown_recipe_lists_available():
+    (msg,) = _errors(["recipe=nope"])
+    assert "recipe=nope" in msg and "tiny_cpu" in msg and "7b_qlora" in msg
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    (msg,) = _errors(["sft.lrr=1e-4"])
+    assert msg == "sft.lrr: no such key (did you mean sft.lr?)"
+
+
+def test_wrong_type_names_key_value_and_type():
+    (msg,) = _errors(["sft.lr=fast"])
+    assert "sft.lr" in msg and "'fast'" in msg and "float" in msg
+    (msg,) = _errors(["base.quantization=int3"])
+    assert "base.quantization" in msg and "int3" in msg and "nf4" in msg
+
+
+def test_all_problems_reported_together():
+    errors = _errors(["sft.lrr=1", "ppo.steps=many", "stages=[sft,bogus]", "rloo.num_samples=1", "loose"])
+    text = "\n".join(errors)
+    for needle in ("sft.lrr", "ppo.steps", "bogus", "rloo.num_samples must be >= 2", "loose"):
+        assert needle in text
+    assert len(errors) == 5
+
+
+def test_recipe_yaml_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("description: x\nsft:\n  lr: high\n  nope: 1\n")
+    errors = _errors([f"recipe={bad}"])
+    assert any(e.startswith("sft.lr:") for e in errors) and any(e.startswith("sft.nope:") for e in errors)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(["sft.lr=1e-4", "stages=[sft,ppo]", "run_name=007", "lora.r=4", "base.gradient_checkpointing=false"])
+    assert cfg.sft.lr == 1e-4 and isinstance(cfg.sft.lr, float)
+    assert cfg.stages == ["sft", "ppo"]
+    assert cfg.run_name == "007"
+    assert cfg.lora.r == 4 and cfg.base.gradient_checkpointing is False
+
+
+def test_judge_shorthand_and_judge_lists():
+    cfg = load_config(["judge=llamacpp", "judge.gguf_path=x.gguf"])
+    assert cfg.judge.backend == "llamacpp" and cfg.judge.gguf_path == "x.gguf"
+    cfg = load_config(["judges=[local,llamacpp]", "judge.gguf_path=y.gguf", "judge_vote=majority"])
+    assert [j.backend for j in cfg.all_judges()] == ["local", "llamacpp"]
+    assert cfg.all_judges()[1].gguf_path == "y.gguf"  # names take the rest of the settings from `judge`
+
+
+def test_every_field_has_a_docstring_and_help_lists_it():
+    text = help_text()
+    for key in all_keys(Config):
+        assert key.split(".")[-1] in text
+    import dataclasses
+
+    def walk(cls):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+            if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else None):
+                walk(f.type)
+
+    from cai_lite import config as C
+
+    for cls in (C.Config, C.BaseConfig, C.LoraSettings, C.GenerationSettings, C.DataConfig, C.CritiqueReviseConfig,
+                C.SFTConfig, C.JudgeConfig, C.LabelConfig, C.RewardConfig, C.PPOConfig, C.RLOOConfig, C.DPOConfig,
+                C.EvaluateConfig, C.ExportConfig):
+        walk(cls)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_help_lists_recipes_and_keys():
+    r = _run("--help")
+    assert r.returncode == 0
+    assert "tiny_cpu" in r.stdout and "7b_qlora" in r.stdout
+    assert "ppo.kl_target: float = 0.0" in r.stdout
+
+
+def test_cli_errors_exit_nonzero_without_traceback():
+    r = _run("recipe=tiny_cpu", "sft.lrr=1", "sft.lr=abc")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert "sft.lrr: no such key (did you mean sft.lr?)" in r.stderr and "sft.lr: expected float" in r.stderr
+    r = _run("recipe=missing")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "available: " in r.stderr

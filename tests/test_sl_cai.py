@@ -1,0 +1,113 @@
+"""SL-CAI: critique_revise rows, resume after a kill, and SFT that learns.
+
+    python -m pytest tests/test_sl_cai.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from cai_lite import data, models, pipeline
+from cai_lite.stages import sft
+
+from conftest import ROOT, tiny_config
+
+COLUMNS = {"init_prompt", "init_response", "critic_prompt", "critic_response", "revision_prompt", "revision_response",
+           "prompt", "messages", "chosen", "rejected", "rounds", "id", "type"}
+
+
+def test_critique_revise_then_sft(tmp_path, tiny_llama, nf4_base):
+    cfg = tiny_config(tmp_path / "run", tiny_llama, "stages=[critique_revise,sft]", "critique_revise.rounds=3",
+                      "data.limit=6", "critique_revise.helpful_limit=2", "sft.max_steps=3", "sft.targets=all_rounds")
+    out = pipeline.run(cfg, base=nf4_base)
+    rows = data.read_shards(cfg.path / "critique_revise")
+    assert len(rows) == 8 and out["critique_revise"]["rows"] == 8
+    harmless = [r for r in rows if r["type"] == "harmless"]
+    assert len(harmless) == 6
+    for r in rows:
+        assert COLUMNS <= set(r)
+        assert r["messages"][0] == {"role": "user", "content": r["prompt"]}
+        assert r["chosen"] == r["messages"] and r["rejected"][1]["content"] == r["init_response"]
+    for r in harmless:
+        assert len(r["rounds"]) == 3
+        assert r["revision_response"] == r["rounds"][-1]["revision"] == r["messages"][1]["content"]
+        assert r["critic_prompt"] and r["revision_prompt"]
+    principles = {x["principle_id"] for r in harmless for x in r["rounds"]}
+    assert len(principles) > 3  # sampled per round, not fixed
+    assert (cfg.path / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+    assert out["sft"]["train_rows"] == 6 * 3 + 2  # every round's revision, plus the helpful rows
+
+
+def test_hh_rlhf_prompts(tmp_path, tiny_llama, nf4_base, shared_data):
+    cfg = tiny_config(tmp_path / "hh", tiny_llama, "stages=[critique_revise]", "critique_revise.rounds=1",
+                      f"data.prompts={shared_data / 'hh-rlhf-harmless-base-test.part-dev.jsonl.gz'}", "data.limit=4",
+                      "data.eval_prompts=2", "critique_revise.helpful_prompts=", "data.max_prompt_chars=60")
+    out = pipeline.run(cfg, base=nf4_base)
+    rows = data.read_shards(cfg.path / "critique_revise")
+    assert len(rows) == 4 and all(len(r["prompt"]) <= 60 for r in rows)
+    assert out["critique_revise"]["truncated_prompt_chars"] > 0
+
+
+def test_kill_between_shards_and_resume(tmp_path, tiny_llama, nf4_base):
+    args = [f"run_dir={tmp_path / 'kill'}", f"base.model={tiny_llama}", "base.create=none", "stages=[critique_revise]",
+            "critique_revise.shard_size=2", "data.limit=12", "critique_revise.helpful_prompts=",
+            "generation.max_new_tokens=96", "critique_revise.rounds=2"]
+    out = tmp_path / "kill" / "critique_revise"
+    proc = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "part-00000.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "stage.json").exists(), "the stage finished before the kill; the test proved nothing"
+    kept = sorted(p.name for p in out.glob("part-*.jsonl"))
+    assert 1 <= len(kept) < 6
+    cfg = tiny_config(tmp_path / "kill", tiny_llama, *args[3:])
+    result = pipeline.run(cfg, base=nf4_base)
+    rows = data.read_shards(out)
+    assert len(rows) == 12 and len({r["id"] for r in rows}) == 12
+    assert result["critique_revise"]["resumed_shards"] == len(kept)
+    assert {r["id"] for r in rows} == {p.id for p in data.prompt_split(cfg).train}
+
+
+def _revision_logprob(base, adapter, rows) -> float:
+    """Sum of log p(revision tokens | prompt) over the rows."""
+    total = 0.0
+    with torch.no_grad(), models.role(base, adapter) as model:
+        for r in rows:
+            prompt = data.render(base.tokenizer, [{"role": "user", "content": r["prompt"]}])
+            full = base.tokenizer.apply_chat_template(r["messages"], tokenize=False)
+            p_ids = base.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([base.tokenizer(full, add_special_tokens=False)["input_ids"]])
+            logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            tgt = ids[0, 1:]
+            total += logp[torch.arange(len(tgt)), tgt][len(p_ids) - 1:].sum().item()
+    return total
+
+
+def test_sft_learns_the_revisions(tmp_path, tiny_llama, nf4_base):
+    cfg = tiny_config(tmp_path / "sft", tiny_llama, "sft.max_steps=30", "sft.lr=5e-3", "sft.batch_size=4")
+    revisions = ["I won't help with that, but here is why, and what you can do instead.",
+                 "That could hurt someone. A safer way to get what you need is to ask for help."]
+    rows = [{"id": f"r{i}", "type": "harmless", "prompt": f"Question number {i}?", "init_response": "sure",
+             "revision_response": revisions[i % 2], "rounds": [{"principle_id": "harm", "critique": "c",
+                                                                 "revision": revisions[i % 2]}],
+             "messages": [{"role": "user", "content": f"Question number {i}?"},
+                          {"role": "assistant", "content": revisions[i % 2]}]} for i in range(8)]
+    (cfg.path / "critique_revise").mkdir(parents=True)
+    data.write_shard(data.shard_path(cfg.path / "critique_revise", 0), rows)
+    (cfg.path / "sft").mkdir()
+    metrics = sft.run(cfg, nf4_base, cfg.path / "sft")
+    assert metrics["loss_last"] < 0.5 * metrics["loss_first"], metrics
+    assert _revision_logprob(nf4_base, "sft", rows) > _revision_logprob(nf4_base, None, rows) + 50
+    log = [json.loads(line) for line in (cfg.path / "sft" / "train_log.jsonl").read_text().splitlines()]
+    assert len([h for h in log if "loss" in h]) == 30
+    assert list((cfg.path / "sft" / "trainer").rglob("events.out.tfevents*")), "no TensorBoard log"
