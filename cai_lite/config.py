@@ -160,6 +160,8 @@ class JudgeConfig:
     """openai judge: model name sent to the server."""
     api_key_env: str = ""
     """openai judge: name of the environment variable holding the API key (empty = no key)."""
+    top_logprobs: int = 20
+    """openai judge: top log-probs requested per answer; both letters must be among them for a soft label."""
     concurrency: int = 4
     """openai judge: requests in flight at once."""
     timeout_s: float = 60.0

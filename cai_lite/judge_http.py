@@ -1,8 +1,10 @@
 """The `openai` judge: any OpenAI-compatible server (vLLM, llama.cpp server, ollama, a hosted API).
 
 Sends `/v1/completions` requests with the prompt rendered by the base model's chat template and
-`logprobs`, and reads the top log-probs of the first answer token. Where the server gives no
-log-probs for both letters, it parses the answer text instead and counts the label as hard.
+`logprobs`, and reads the top log-probs of the first answer token. Where the letters are not among
+the top `judge.top_logprobs` (servers cap it: OpenAI at 20), it parses the answer text instead and
+counts the label as hard. (Echoing the prompt plus each letter would get any letter's log-prob,
+but llama-cpp-python 0.3.36's server reports echoed log-probs one position off, so it is not used.)
 Bounded concurrency, per-request timeout, retries with exponential backoff. The API key is read
 from the environment variable named by `judge.api_key_env`; it is never stored or logged.
 
@@ -81,7 +83,8 @@ class OpenAIJudge:
         raise JudgeServerError(f"{self.url}: {type(last).__name__}: {last}")
 
     def _one_choice(self, text: str, letters: str) -> list[float] | None:
-        body = {"model": self.jc.model, "prompt": text, "max_tokens": 1, "temperature": 0.0, "logprobs": 20}
+        body = {"model": self.jc.model, "prompt": text, "max_tokens": 1, "temperature": 0.0,
+                "logprobs": self.jc.top_logprobs}
         try:
             res = self._post(body)
         except JudgeServerError as e:

@@ -165,8 +165,11 @@ def delete_adapter(base: SharedBase, name: str) -> None:
 
 
 def _new_head(base: SharedBase) -> torch.nn.Linear:
+    # Zero init: a new head scores everything 0, so training puts into it only what separates the
+    # labelled pairs. A random head would add a fixed random function of the text, which the
+    # pairwise loss never removes (it sees differences only) and RL would then chase.
     head = torch.nn.Linear(base.hidden_size, 1, bias=True).to(base.device, torch.float32)
-    torch.nn.init.normal_(head.weight, std=1.0 / (base.hidden_size + 1) ** 0.5)
+    torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     head.requires_grad_(False)
     return head
