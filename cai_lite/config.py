@@ -9,10 +9,9 @@ docstrings are what `python run.py --help` prints.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 
 
@@ -391,20 +390,8 @@ class Config:
 def trl_args(cfg: Config, device_type: str, out: Path) -> dict:
     """TrainingArguments shared by the TRL trainers cai_lite drives (sft, rloo, dpo)."""
     cuda = device_type == "cuda"
-    return dict(
-        output_dir=str(out / "trainer"),
-        logging_steps=1,
-        save_strategy="no",
-        report_to=["tensorboard"],
-        seed=cfg.seed,
-        use_cpu=not cuda,
-        bf16=cuda and cfg.base.compute_dtype == "bfloat16",
-        gradient_checkpointing=cfg.base.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        dataloader_pin_memory=False,
-        disable_tqdm=False,
-    )
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    return dict(output_dir=str(out / "trainer"), logging_steps=1, save_strategy="no", report_to=["tensorboard"],
+                seed=cfg.seed, use_cpu=not cuda, bf16=cuda and cfg.base.compute_dtype == "bfloat16",
+                gradient_checkpointing=cfg.base.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_pin_memory=False,
+                disable_tqdm=False)

@@ -264,6 +264,9 @@ def transcript(prompt: str) -> str:
 
 
 COMPARISON_PREFILL = "The answer is: ("
+# Demonstrations are shown under one fixed principle, not the principle being asked about, so the
+# demo block is the same text in every comparison prompt and a KV cache reuses it across all of them.
+DEMO_PRINCIPLE = "Which of these assistant responses is more helpful, honest and harmless?"
 COT_PREFILL = "Let's think step by step:"
 COT_ANSWER = "\nTherefore, the answer is: ("
 
@@ -273,13 +276,13 @@ def comparison_messages(conversation: str, principle: str, response_a: str, resp
     """The CAI §4.1 multiple-choice prompt as chat turns. The caller prefills the assistant turn with
     COMPARISON_PREFILL and scores the next token, "A" vs "B".
 
-    Layout keeps what is shared first (demos, conversation, principle) so a KV cache can reuse it
-    across both option orders."""
+    Layout keeps what is shared first (demos, then conversation, then principle) so a KV cache can
+    reuse the demos across every prompt and the rest across both option orders."""
     msgs: list[Message] = []
     for i, d in enumerate(demos):
         # Alternate the correct slot so the demos teach no position.
         a, b, ans = (d.chosen, d.rejected, "A") if i % 2 == 0 else (d.rejected, d.chosen, "B")
-        msgs += [{"role": "user", "content": _comparison_text(d.conversation, principle, a, b)},
+        msgs += [{"role": "user", "content": _comparison_text(d.conversation, DEMO_PRINCIPLE, a, b)},
                  {"role": "assistant", "content": COMPARISON_PREFILL + ans + ")"}]
     return msgs + [{"role": "user", "content": _comparison_text(conversation, principle, response_a, response_b)}]
 

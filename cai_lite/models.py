@@ -1,14 +1,12 @@
 """The one frozen base model of a run, and the named LoRA adapters and scalar heads that share it.
 
-This is the only module that touches bitsandbytes or PEFT's adapter API. It reads the base model
-folder (safetensors only, never remote code unless `base.trust_remote_code`), PEFT adapter folders
-and `head.safetensors` files; it writes adapter folders in PEFT format (adapter_config.json +
-adapter_model.safetensors) with the head beside them.
+The only module that touches bitsandbytes or PEFT's adapter API. Reads the base model folder
+(safetensors only; remote code only if `base.trust_remote_code`), PEFT adapter folders and
+`head.safetensors`; writes adapters as plain PEFT folders with the head beside them.
 
 Roles (adapter names): `sft`, `policy`, `reference` (a frozen copy of `sft`), `reward` (+ head),
-`value` (+ head), `critique` (any PEFT folder). Switch only through `active_adapter()` and
-`no_adapter()`: PEFT's `set_adapter()` makes the activated adapter trainable and freezes the
-rest, so both context managers restore the active adapter *and* every `requires_grad` on exit.
+`value` (+ head), `critique` (any PEFT folder). Switch only through `active_adapter()`,
+`no_adapter()` or `role()`, which restore the active adapter and every `requires_grad` on exit.
 
     python -c "from cai_lite.recipe import load_config; from cai_lite import models; \
                print(models.memory_account(models.load_base(load_config(['recipe=tiny_cpu']))))"
@@ -18,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
@@ -31,6 +31,7 @@ from cai_lite.config import Config
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_INDEX: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PeftModel -> (adapters, LoRA layers, params)
 
 
 @dataclass
@@ -53,16 +54,10 @@ class SharedBase:
         return self.model.config.get_text_config().hidden_size
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_base(cfg: Config) -> SharedBase:
     """Load `cfg.base.model` once: NF4 with double quantization and bf16 compute, or unquantized."""
     b = cfg.base
-    device = pick_device(b.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if b.device == "auto" else b.device)
     kwargs: dict = dict(dtype=DTYPES[b.dtype], trust_remote_code=b.trust_remote_code, use_safetensors=True)
     if b.quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -75,8 +70,8 @@ def load_base(cfg: Config) -> SharedBase:
     model = AutoModelForCausalLM.from_pretrained(b.model, **kwargs)
     if b.quantization == "none":
         model.to(device)
-    else:
-        _keep_cpu_weights_trainable(model)
+    if device.type == "cpu":
+        _settle_cpu_weights(model, b.quantization == "nf4")
     tokenizer = AutoTokenizer.from_pretrained(b.model, trust_remote_code=b.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -98,19 +93,26 @@ def load_base(cfg: Config) -> SharedBase:
     return SharedBase(model=model, tokenizer=tokenizer, device=device, cfg=cfg)
 
 
-def _keep_cpu_weights_trainable(model: PreTrainedModel) -> None:
-    """Stop bitsandbytes 0.50 from repacking 4-bit weights into its CPU inference layout.
+def _settle_cpu_weights(model: PreTrainedModel, quantized: bool) -> None:
+    """Two CPU-only fixes, both about what the weights of a loaded model point at.
 
-    On CPUs with AVX512-BF16 the first no-grad forward in eval mode converts each Linear4bit to a
-    packed layout, after which every matmul goes through `gemv_4bit`, an op with no autograd kernel:
-    gradients through the frozen base then come out silently wrong (PyTorch only warns), so any
-    LoRA trained after a generation stage would learn from a broken backward pass. The standard
-    dequantize-and-matmul path is differentiable, and the weights then never move."""
+    1. bitsandbytes 0.50, on CPUs with AVX512-BF16, repacks each Linear4bit into an inference
+       layout on its first no-grad forward; from then on matmuls go through `gemv_4bit`, which has
+       no autograd kernel, so gradients through the frozen base come out silently wrong (PyTorch
+       only warns). A LoRA trained after a generation stage would learn from a broken backward.
+    2. transformers keeps unquantized tensors as views of the mmapped checkpoint: the run would
+       depend on the file staying unchanged on disk, and RSS would count the mapping per model."""
     import bitsandbytes as bnb
 
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
+    with torch.no_grad():
+        for m in model.modules():
+            if quantized and isinstance(m, bnb.nn.Linear4bit):
+                m.support_avx512bf16_for_cpu = False  # keep the differentiable dequantize+matmul path
+        for p in model.parameters():
+            if not isinstance(p, bnb.nn.Params4bit):
+                p.data = p.data.clone()
+        for buf in model.buffers():
+            buf.data = buf.data.clone()
 
 
 def _lora_config(cfg: Config) -> LoraConfig:
@@ -127,6 +129,7 @@ def add_adapter(base: SharedBase, name: str, init_from: str | None = None, confi
         config = base.model.peft_config[init_from]
     config = config or _lora_config(base.cfg)
     if isinstance(base.model, PeftModel):
+        _INDEX.pop(base.model, None)  # a re-added name gets new tensors: drop the cached ones
         base.model.add_adapter(name, config)
     else:
         # First adapter: wrap. PEFT injects LoRA layers in place, so the base weights stay the same objects.
@@ -158,6 +161,7 @@ def copy_adapter(base: SharedBase, src: str, dst: str) -> None:
 
 
 def delete_adapter(base: SharedBase, name: str) -> None:
+    _INDEX.pop(base.model, None)
     base.model.delete_adapter(name)
     if name in base.heads:
         del base.heads[name]
@@ -242,8 +246,25 @@ def load_adapter(base: SharedBase, name: str, folder: str | Path, replace: bool 
     freeze(base, name)
 
 
-def _snapshot_grads(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, bool]]:
-    return [(p, p.requires_grad) for p in model.parameters()]
+def _index(model: PeftModel) -> tuple[list[BaseTunerLayer], list[tuple[str, torch.nn.Parameter]]]:
+    """LoRA layers and named parameters, cached until the set of adapters changes: walking a large
+    model's modules costs milliseconds, and PPO switches several times per minibatch."""
+    key = tuple(model.peft_config)  # TRL adds an adapter of its own, so also check the set of names
+    cached = _INDEX.get(model)
+    if cached is None or cached[0] != key:
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        cached = (key, layers, list(model.named_parameters()))
+        _INDEX[model] = cached
+    return cached[1], cached[2]
+
+
+def _point_at(model: PeftModel, name: str) -> None:
+    """Make `name` the active adapter: what PEFT's set_adapter() does, without its walk over every
+    module and every requires_grad (about 20 ms per call on a 16-layer model)."""
+    for layer in _index(model)[0]:
+        layer._active_adapter = name
+    model.base_model.active_adapter = name
+    model.active_adapter = name
 
 
 @contextlib.contextmanager
@@ -255,23 +276,21 @@ def active_adapter(model: PeftModel, name: str, trainable: bool = False) -> Iter
     if not isinstance(model, PeftModel) or name not in model.peft_config:
         have = list(model.peft_config) if isinstance(model, PeftModel) else []
         raise KeyError(f"no adapter named {name!r} on the base (adapters: {have})")
-    grads = _snapshot_grads(model)
+    params = _index(model)[1]
+    grads = [(p, p.requires_grad) for _, p in params]
     previous = model.active_adapter
     was_disabled = model._adapters_disabled  # PEFT's flag for "inside disable_adapter()"
     try:
         if was_disabled:
             model.base_model.enable_adapter_layers()
             model._adapters_disabled = False
-        model.set_adapter(name, inference_mode=not trainable)  # PeftModel's, so its active_adapter follows
-        for p, _ in grads:  # set_adapter only touches LoRA tensors; keep everything else frozen as it was
-            p.requires_grad_(False)
-        if trainable:
-            for n, p in model.named_parameters():
-                if f".{name}." in n:
-                    p.requires_grad_(True)
+        _point_at(model, name)
+        for n, p in params:
+            if f".{name}." in n:
+                p.requires_grad_(trainable)
         yield model
     finally:
-        model.set_adapter(previous, inference_mode=True)
+        _point_at(model, previous)
         if was_disabled:
             model.base_model.disable_adapter_layers()
             model._adapters_disabled = True
@@ -285,7 +304,7 @@ def no_adapter(model: PreTrainedModel | PeftModel) -> Iterator[PreTrainedModel |
     if not isinstance(model, PeftModel):
         yield model  # no adapter was ever added: the model is the bare base
         return
-    grads = _snapshot_grads(model)
+    grads = [(p, p.requires_grad) for _, p in _index(model)[1]]
     try:
         with model.disable_adapter():
             yield model
@@ -329,11 +348,10 @@ def training_mode(base: SharedBase) -> Iterator[None]:
 def trl_policy(base: SharedBase, init_from: str) -> Iterator[PeftModel]:
     """Hand the shared base to a TRL trainer that fine-tunes an existing adapter (DPO, RLOO).
 
-    TRL 1.16 hard-codes two adapter names for that case: it trains `default` and, when it is
-    constructed, adds `ref` as a frozen copy of `default` to serve as the reference
-    (trl/trainer/dpo_trainer.py, rloo_trainer.py). So `default` starts as a copy of `init_from`,
-    which makes the reference the SL-CAI model. On exit both are deleted (save `default` inside
-    the block), and the forward patch TRL adds to the base model (its fused LM head) is removed."""
+    TRL 1.16 hard-codes two adapter names here: it trains `default` and, when constructed, adds
+    `ref`, a frozen copy of `default`, as the reference (trl/trainer/dpo_trainer.py). `default`
+    starts as a copy of `init_from`, so the reference is the SL-CAI model. On exit both are
+    deleted (save `default` inside the block) and TRL's fused-LM-head forward patch is removed."""
     inner = base.model.get_base_model()
     patched_before = "forward" in vars(inner)
     copy_adapter(base, init_from, "default")
@@ -349,72 +367,35 @@ def trl_policy(base: SharedBase, init_from: str) -> Iterator[PeftModel]:
         base.model.eval()
 
 
-def last_hidden(base: SharedBase, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states of the decoder under the active adapter, skipping the LM head:
-    for a 150k vocabulary the logits would cost far more memory than the scores need.  -> (B, T, H)"""
-    decoder = base.model.get_base_model().get_decoder() if isinstance(base.model, PeftModel) else base.model.get_decoder()
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # skip left padding, as generate() does
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
-    return out.last_hidden_state
-
-
-def sequence_scores(base: SharedBase, head: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar score of each sequence at its last real token (inputs left-padded).  -> (B,)"""
-    hidden = last_hidden(base, input_ids, attention_mask)  # (B, T, H)
-    return base.heads[head](hidden[:, -1, :].float()).squeeze(-1)  # left padding puts the last token at T-1
-
-
-def token_values(base: SharedBase, head: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-position scalar (the PPO value estimate V(s_t)).  -> (B, T)"""
-    hidden = last_hidden(base, input_ids, attention_mask)  # (B, T, H)
-    return base.heads[head](hidden.float()).squeeze(-1)
-
-
-def base_weight_tensors(base: SharedBase) -> dict[str, torch.Tensor]:
-    """Every frozen base weight (quantized Linear4bit weights included), by module path."""
-    return {n: p for n, p in base.model.named_parameters() if "lora_" not in n}
-
-
 def memory_account(base: SharedBase) -> dict:
     """Bytes of base weights (incl. quantization constants) and of each adapter and head."""
-    base_bytes = sum(t.numel() * t.element_size() for t in base_weight_tensors(base).values())
+    base_bytes = sum(p.numel() * p.element_size() for n, p in base.model.named_parameters() if "lora_" not in n)
     for module in base.model.modules():
-        qs = getattr(getattr(module, "weight", None), "quant_state", None)  # bitsandbytes' absmax/code live here
-        if qs is not None:
-            base_bytes += sum(t.numel() * t.element_size() for t in _quant_tensors(qs))
-    adapters = {}
-    for name in base.adapters:
-        adapters[name] = sum(p.numel() * p.element_size() for n, p in base.model.named_parameters() if f".{name}." in n)
+        qs = getattr(getattr(module, "weight", None), "quant_state", None)  # bitsandbytes' absmax etc.
+        if qs is not None:  # the NF4 code book, absmax per block and, double-quantized, their absmax
+            base_bytes += sum(v.numel() * v.element_size() for v in qs.as_dict(packed=False).values()
+                              if isinstance(v, torch.Tensor))
+    adapters = {name: sum(p.numel() * p.element_size() for p in adapter_parameters(base, name)
+                          if not any(p is h for h in base.heads.parameters())) for name in base.adapters}
     heads = {n: sum(p.numel() * p.element_size() for p in h.parameters()) for n, h in base.heads.items()}
     return {"base_weight_bytes": base_bytes, "adapter_bytes": adapters, "head_bytes": heads}
 
 
-def _quant_tensors(qs) -> list[torch.Tensor]:
-    # absmax per block, the NF4 code book and, with double quantization, the nested absmax.
-    # (On CPU, bitsandbytes repacks weights on first use and folds the nested level back in.)
-    return [v for v in qs.as_dict(packed=False).values() if isinstance(v, torch.Tensor)]
-
-
 def merged_copy(base: SharedBase, adapter_folder: Path | None, dtype: str) -> PreTrainedModel:
-    """A standalone model: a de-quantized copy of the base with the adapter merged in (for export).
-
-    The shared base stays untouched. Its NF4 tensors cannot be read back on CPU once bitsandbytes
-    has repacked them, so each quantized weight is re-quantized from the original file with the same
-    NF4 settings and de-quantized: the merge then lands on the weights the adapter was trained on."""
+    """A standalone model for export: a de-quantized copy of the base with the adapter merged in.
+    The shared base stays untouched; the merge lands on exactly the weights the adapter trained on."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
     b = base.cfg.base
     full = AutoModelForCausalLM.from_pretrained(b.model, dtype=torch.float32, use_safetensors=True,
                                                 trust_remote_code=b.trust_remote_code)
-    if b.quantization == "nf4":
-        inner = base.model.get_base_model() if isinstance(base.model, PeftModel) else base.model
-        quantized = {n.removesuffix(".base_layer") for n, m in inner.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-        with torch.no_grad():
-            for name in quantized:
-                w = full.get_submodule(name).weight
-                q, state = bnbf.quantize_4bit(w.data, blocksize=64, compress_statistics=True, quant_type="nf4")
-                w.copy_(bnbf.dequantize_4bit(q, state).to(torch.float32))
+    inner = base.model.get_base_model() if isinstance(base.model, PeftModel) else base.model
+    with torch.no_grad():
+        for name, m in inner.named_modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                w = bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state)
+                full.get_submodule(name.removesuffix(".base_layer")).weight.copy_(w.float().cpu())
     if adapter_folder is not None:
         full = PeftModel.from_pretrained(full, str(adapter_folder)).merge_and_unload()
     return full.to(DTYPES[dtype])

@@ -28,7 +28,7 @@ import torch
 import transformers
 import yaml
 
-from cai_lite.config import Config, to_dict
+from cai_lite.config import Config
 from cai_lite.typed_yaml import ConfigError
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _pick(cfg: Config, key: str):
     value = cfg
     for part in key.split("."):
         value = getattr(value, part)
-    return to_dict(value) if dataclasses.is_dataclass(value) else value
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _flatten(d, prefix: str = "") -> dict:
@@ -195,7 +195,7 @@ def run(cfg: Config, base=None) -> dict[str, dict]:
     decided = plan(cfg, table)
     preflight(cfg, table, decided.actions)
     cfg.path.mkdir(parents=True, exist_ok=True)
-    (cfg.path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (cfg.path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     results: dict[str, dict] = {}
     todo = [s for s in table if decided.actions.get(s.name) == "run"]
     for s in table:

@@ -86,8 +86,30 @@ def values(base: SharedBase, ro: Rollout) -> torch.Tensor:
     """V(s_t) from the `value` adapter + head, for the state before each response token.  -> (B, T)"""
     ids, mask = ro.full()
     Tq = ro.query.shape[1]
-    v = models.token_values(base, "value", ids, mask)  # (B, Tq+T)
+    v = token_values(base, "value", ids, mask)  # (B, Tq+T)
     return v[:, Tq - 1:-1]
+
+
+def last_hidden(base: SharedBase, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states of the decoder under the active adapter, skipping the LM head:
+    for a 150k vocabulary the logits would cost far more memory than the scores need.  -> (B, T, H)"""
+    model = base.model.get_base_model() if base.adapters else base.model  # the transformers model under PEFT
+    decoder = model.get_decoder()
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # skip left padding, as generate() does
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+    return out.last_hidden_state
+
+
+def sequence_scores(base: SharedBase, head: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar score of each sequence at its last real token (inputs left-padded).  -> (B,)"""
+    hidden = last_hidden(base, input_ids, attention_mask)  # (B, T, H)
+    return base.heads[head](hidden[:, -1, :].float()).squeeze(-1)  # left padding puts the last token at T-1
+
+
+def token_values(base: SharedBase, head: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position scalar (the PPO value estimate V(s_t)).  -> (B, T)"""
+    hidden = last_hidden(base, input_ids, attention_mask)  # (B, T, H)
+    return base.heads[head](hidden.float()).squeeze(-1)
 
 
 def reward_text(tokenizer, prompt: str, response: str) -> str:
@@ -111,7 +133,7 @@ def score_texts(base: SharedBase, texts: list[str], batch_size: int, max_tokens:
     with models.role(base, "reward"):
         for chunk in data.chunks(texts, batch_size):
             enc, _ = generation.tokenize_left(base, chunk, max_tokens)
-            out.append(models.sequence_scores(base, "reward", enc["input_ids"], enc["attention_mask"]))
+            out.append(sequence_scores(base, "reward", enc["input_ids"], enc["attention_mask"]))
     return torch.cat(out)
 
 

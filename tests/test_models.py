@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from cai_lite import models
+from cai_lite import models, rollout
 
 from conftest import tiny_config
 
@@ -147,13 +147,13 @@ def test_save_and_load_round_trip(base3, tmp_path):
     batch = _batch(base3)
     with models.role(base3, "reward") as model:
         before = _logits(model, batch)
-        score = models.sequence_scores(base3, "reward", batch["input_ids"], batch["attention_mask"])
+        score = rollout.sequence_scores(base3, "reward", batch["input_ids"], batch["attention_mask"])
     folder = models.save_adapter(base3, "reward", tmp_path / "reward")
     assert (folder / "adapter_model.safetensors").is_file() and (folder / "head.safetensors").is_file()
     models.load_adapter(base3, "reward_copy", folder)
     with models.role(base3, "reward_copy") as model:
         assert torch.allclose(_logits(model, batch), before, atol=1e-6)
-        assert torch.allclose(models.sequence_scores(base3, "reward_copy", batch["input_ids"], batch["attention_mask"]),
+        assert torch.allclose(rollout.sequence_scores(base3, "reward_copy", batch["input_ids"], batch["attention_mask"]),
                               score, atol=1e-6)
     assert not any(p.requires_grad for p in models.adapter_parameters(base3, "reward_copy"))
     models.delete_adapter(base3, "reward_copy")

@@ -17,6 +17,7 @@ from collections import Counter
 import bitsandbytes as bnb
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from cai_lite import data, losses, models, rollout
@@ -61,15 +62,17 @@ def _clean(tok, t: int) -> bool:
     return text.strip().isalpha() and tok.encode(text, add_special_tokens=False) == [t]
 
 
-def _params4bit() -> int:
-    """4-bit weight tensors alive in the process (other test modules' models may linger until collected)."""
+def _params4bit() -> set[int]:
+    """Ids of the 4-bit weight tensors alive in the process. A stage that loaded a second model would
+    add new ones (other test modules' models may be freed meanwhile, which only removes ids)."""
     gc.collect()
-    return sum(isinstance(o, bnb.nn.Params4bit) for o in gc.get_objects())
+    return {id(o) for o in gc.get_objects() if isinstance(o, bnb.nn.Params4bit)}
 
 
 @pytest.fixture(scope="module")
 def rl(sharp_llama, tmp_path_factory):
     """A run directory with an `sft` adapter, synthetic marker labels and a trained reward model."""
+    transformers.set_seed(0)  # as pipeline.run does before each stage: results must not depend on test order
     cfg = tiny_config(tmp_path_factory.mktemp("rl"), sharp_llama, *RL)
     base = models.load_base(cfg)
     models.add_adapter(base, "sft")
@@ -77,7 +80,6 @@ def rl(sharp_llama, tmp_path_factory):
     base.sources["sft"] = str((cfg.path / "sft" / "adapter").resolve())
     tok = base.tokenizer
     prompts = [p.text for p in data.prompt_split(cfg).train]
-    torch.manual_seed(0)
     ro = rollout.sample(base, "sft", prompts * 8, 12, 1.0, 512)
     counts = Counter(t for r, m in zip(ro.response.tolist(), ro.mask.tolist()) for t, k in zip(r, m) if k)
     marker = next(t for t, _ in counts.most_common() if _clean(tok, t))
@@ -97,6 +99,7 @@ def rl(sharp_llama, tmp_path_factory):
     (cfg.path / "label_preferences").mkdir()
     data.write_shard(data.shard_path(cfg.path / "label_preferences", 0), rows)
     (cfg.path / "reward_model").mkdir()
+    transformers.set_seed(0)
     rm = reward_model.run(cfg, base, cfg.path / "reward_model")
     return cfg, base, rm
 
@@ -120,9 +123,10 @@ def test_ppo_raises_reward_on_one_base(rl):
     cfg, base, _ = rl
     before, n_params = _storages(base), _params4bit()
     (cfg.path / "ppo").mkdir()
+    transformers.set_seed(0)
     out = ppo.run(cfg, base, cfg.path / "ppo")
     assert out["reward_last"] > out["reward_first"] + 0.5, out
-    assert out["kl_max"] < 30, out  # bounded: a few nats per token at most over 12 tokens
+    assert out["kl_max"] / 12 < 3, out  # bounded: under 3 nats per response token
     log = [json.loads(line) for line in (cfg.path / "ppo" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 30 and {"reward", "kl", "entropy", "clipfrac", "value_loss", "response_length"} <= set(log[0])
     assert list((cfg.path / "ppo" / "tensorboard").glob("events.out.tfevents*"))
@@ -131,7 +135,7 @@ def test_ppo_raises_reward_on_one_base(rl):
         with models.role(base, role) as model, torch.no_grad():
             model(input_ids=torch.tensor([[1, 2, 3]]))
         assert _storages(base) == before
-    assert _params4bit() == n_params  # no role loaded a model of its own
+    assert not _params4bit() - n_params  # no role loaded a model of its own
     # The reference is still exactly the SL-CAI adapter.
     saved = load_file(cfg.path / "sft" / "adapter" / "adapter_model.safetensors")
     ref = dict(models._lora_tensors(base, "reference"))
@@ -155,16 +159,18 @@ def test_rloo_raises_reward_with_trl_on_the_same_base(rl):
     cfg, base, _ = rl
     before, n_params = _storages(base), _params4bit()
     (cfg.path / "rloo").mkdir()
+    transformers.set_seed(0)
     out = rloo.run(cfg, base, cfg.path / "rloo")
     assert out["reward_last"] > out["reward_first"] + 0.5, out
-    assert out["kl_max"] < 30
-    assert _params4bit() == n_params and _storages(base) == before  # TRL made no second model
+    assert out["kl_max"] / 12 < 3, out
+    assert not _params4bit() - n_params and _storages(base) == before  # TRL made no second model
     assert "default" not in base.adapters and "ref" not in base.adapters  # TRL's names cleaned up
 
 
 def test_dpo_raises_the_implicit_margin(rl):
     cfg, base, _ = rl
     (cfg.path / "dpo").mkdir()
+    transformers.set_seed(0)
     out = dpo.run(cfg, base, cfg.path / "dpo")
     assert out["margin_last"] > out["margin_first"] + 0.2, out
     # Check it independently: beta * [(log pi - log ref)(chosen) - (...)(rejected)] on the training pairs.

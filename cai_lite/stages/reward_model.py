@@ -30,7 +30,7 @@ def pair_scores(base: SharedBase, rows: list[dict], max_tokens: int) -> tuple[to
     """Scores of response_a and response_b for each row, under the active adapter.  -> (B,), (B,)"""
     texts = [rollout.reward_text(base.tokenizer, r["prompt"], r[k]) for k in ("response_a", "response_b") for r in rows]
     enc, _ = generation.tokenize_left(base, texts, max_tokens)
-    s = models.sequence_scores(base, "reward", enc["input_ids"], enc["attention_mask"])  # (2B,)
+    s = rollout.sequence_scores(base, "reward", enc["input_ids"], enc["attention_mask"])  # (2B,)
     return s[: len(rows)], s[len(rows):]
 
 
