@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cai_lite.config import Config  # noqa: E402
 
@@ -163,6 +164,7 @@ def plot_rl_curves(run_dir: Path, path: Path) -> bool:
         axes[2].plot(steps, [r.get("entropy") for r in rows], marker="o", label=name)
     for ax, label in zip(axes, ("mean reward-model score", "KL to the SL-CAI reference", "policy entropy (nats)")):
         ax.set(xlabel="RL step", ylabel=label, title=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -202,3 +202,16 @@ def test_gradients_through_the_base_are_right_after_generation(tiny_llama, tmp_p
         after = first_layer_grad(True)
     assert not [w for w in caught if "gemv_4bit" in str(w.message)]
     assert torch.allclose(after, first_layer_grad(False), atol=1e-6)
+
+
+def test_qwen2_tiny_model_shares_its_base_too(tiny_qwen2, tmp_path):
+    base = models.load_base(tiny_config(tmp_path, tiny_qwen2))
+    assert base.model.config.model_type == "qwen2" and _linear4bit(base)
+    models.add_adapter(base, "policy")
+    _randomize(base, "policy", 3)
+    batch = _batch(base)
+    with models.role(base, "policy") as m:
+        adapted = _logits(m, batch)
+    with models.role(base, None) as m:
+        bare = _logits(m, batch)
+    assert not torch.allclose(adapted, bare) and torch.isfinite(adapted).all()

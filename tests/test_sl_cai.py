@@ -111,3 +111,28 @@ def test_sft_learns_the_revisions(tmp_path, tiny_llama, nf4_base):
     log = [json.loads(line) for line in (cfg.path / "sft" / "train_log.jsonl").read_text().splitlines()]
     assert len([h for h in log if "loss" in h]) == 30
     assert list((cfg.path / "sft" / "trainer").rglob("events.out.tfevents*")), "no TensorBoard log"
+
+
+def test_swappable_critique_adapter_from_any_peft_folder(tmp_path, tiny_llama, nf4_base):
+    """A PEFT folder written by PEFT itself (not by cai_lite) becomes the `critique` adapter, and the
+    critiques change while the policy's initial answers do not."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    peft_model = get_peft_model(plain, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # a trained-looking adapter: LoRA B starts at zero
+    peft_model.save_pretrained(tmp_path / "critic")
+    common = ["stages=[critique_revise]", "critique_revise.rounds=1", "data.limit=4", "critique_revise.helpful_prompts=",
+              "generation.temperature=0"]
+    plain_run = pipeline.run(tiny_config(tmp_path / "a", tiny_llama, *common), base=nf4_base)
+    swapped = tiny_config(tmp_path / "b", tiny_llama, *common, f"critique_revise.critic_adapter={tmp_path / 'critic'}")
+    pipeline.run(swapped, base=nf4_base)
+    assert "critique" in nf4_base.adapters and plain_run["critique_revise"]["rows"] == 4
+    a = {r["id"]: r for r in data.read_shards(tmp_path / "a" / "critique_revise")}
+    b = {r["id"]: r for r in data.read_shards(tmp_path / "b" / "critique_revise")}
+    assert all(a[i]["init_response"] == b[i]["init_response"] for i in a)
+    assert any(a[i]["critic_response"] != b[i]["critic_response"] for i in a)
