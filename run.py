@@ -7,6 +7,8 @@ recipes and every config key.
 
 import sys
 
+from cai_lite.constitution import ConstitutionError
+from cai_lite.data import DataError
 from cai_lite.typed_yaml import ConfigError
 
 
@@ -26,6 +28,10 @@ def main(argv: list[str]) -> int:
         print(f"cai_lite: {len(e.errors)} problem(s), nothing was run:", file=sys.stderr)
         for line in e.errors:
             print(f"  - {line}", file=sys.stderr)
+        return 2
+    except (DataError, ConstitutionError) as e:
+        # Bad input found while a stage ran; finished stages and shards stay on disk for the rerun.
+        print(f"cai_lite: {e}", file=sys.stderr)
         return 2
     print(pipeline.summary(cfg, results))
     return 0

@@ -95,6 +95,13 @@ def load(spec: str) -> Constitution:
                             "CritiqueRevisionInstructions.json, or llm-swarm's {\"constitutions\": ...})")
 
 
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConstitutionError(f"{path}: cannot parse: {e}") from None
+
+
 def _text(path: Path, where: str, entry: dict, key: str) -> str:
     value = entry.get(key) if isinstance(entry, dict) else None
     if not isinstance(value, str) or not value.strip():
@@ -134,6 +141,8 @@ def _from_ours(path: Path, data) -> Constitution:
     _check_ids(path, "critique_revision", [c.id for c in crit])
     _check_ids(path, "preference", [p.id for p in pref])
     few = data.get("few_shot") or {}
+    if not isinstance(few, dict):
+        raise ConstitutionError(f"{path}: few_shot: expected a mapping with critique_revision and preference lists")
     demos = []
     for i, d in enumerate(few.get("critique_revision", []) or []):
         where = f"few_shot.critique_revision[{i}]"
@@ -178,7 +187,7 @@ def _from_anthropic(path: Path, data: dict) -> Constitution:
     pref = []
     pref_file = folder / "RLMadisonInstructions.json"
     if pref_file.is_file():
-        for i, t in enumerate(_nonempty(pref_file, "top level", json.loads(pref_file.read_text(encoding="utf-8")))):
+        for i, t in enumerate(_nonempty(pref_file, "top level", _json(pref_file))):
             text = t.strip().removesuffix("Options:").strip() if isinstance(t, str) else ""
             if not text:
                 raise ConstitutionError(f"{pref_file}: entry {i}: empty principle")
@@ -188,7 +197,9 @@ def _from_anthropic(path: Path, data: dict) -> Constitution:
     demos = []
     fs_file = folder / "CritiqueRevisionFewShotPrompts.json"
     if fs_file.is_file():
-        for i, t in enumerate(json.loads(fs_file.read_text(encoding="utf-8"))):
+        for i, t in enumerate(_nonempty(fs_file, "top level", _json(fs_file))):
+            if not isinstance(t, str):
+                raise ConstitutionError(f"{fs_file}: entry {i}: expected a transcript string")
             turns = _parse_transcript(t)
             roles = [r for r, _ in turns]
             if "CritiqueRequest" not in roles or "Revision" not in roles:
@@ -196,6 +207,8 @@ def _from_anthropic(path: Path, data: dict) -> Constitution:
             c = roles.index("CritiqueRequest")
             chat = [{"role": "user" if r == "Human" else "assistant", "content": x} for r, x in turns[:c]]
             tail = dict(turns[c:])
+            if not {"Critique", "RevisionRequest"} <= set(tail):
+                raise ConstitutionError(f"{fs_file}: entry {i}: no Critique/RevisionRequest after the CritiqueRequest")
             demos.append(tuple(chat) + ({"role": "user", "content": tail["CritiqueRequest"]},
                                         {"role": "assistant", "content": tail["Critique"]},
                                         {"role": "user", "content": tail["RevisionRequest"]},
@@ -203,10 +216,13 @@ def _from_anthropic(path: Path, data: dict) -> Constitution:
     pdemos = []
     pf_file = folder / "RLMadisonFewShotPrompts.json"
     if pf_file.is_file():
-        for i, d in enumerate(json.loads(pf_file.read_text(encoding="utf-8"))):
+        for i, d in enumerate(_nonempty(pf_file, "top level", _json(pf_file))):
             where = f"entry {i}"
             conv = _text(pf_file, where, d, "prompt").removesuffix("Assistant:").strip()
-            pdemos.append(PreferenceDemo(conv, d["corrects"][0].strip(), d["incorrects"][0].strip()))
+            if not (isinstance(d.get("corrects"), list) and isinstance(d.get("incorrects"), list)
+                    and d["corrects"] and d["incorrects"]):
+                raise ConstitutionError(f"{pf_file}: {where}: needs non-empty 'corrects' and 'incorrects' lists")
+            pdemos.append(PreferenceDemo(conv, str(d["corrects"][0]).strip(), str(d["incorrects"][0]).strip()))
     return Constitution(f"anthropic:{path.stem}", "Anthropic CAI paper principles", tuple(crit), tuple(pref),
                         tuple(demos), tuple(pdemos), source=str(path), notes=tuple(notes))
 
@@ -257,10 +273,6 @@ def revision_messages(c: Constitution, prompt: str, response: str, principle: Cr
                       few_shot: int, cot: bool) -> list[Message]:
     return critique_messages(c, prompt, response, principle, few_shot, cot) + [
         {"role": "assistant", "content": critique}, {"role": "user", "content": principle.revision}]
-
-
-def transcript(prompt: str) -> str:
-    return "Human: " + prompt
 
 
 COMPARISON_PREFILL = "The answer is: ("

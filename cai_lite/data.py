@@ -140,6 +140,19 @@ def prompt_split(cfg: Config) -> PromptSplit:
     return s
 
 
+def check_source(key: str, source: str, fmt: str = "auto", column: str = "prompt") -> list[str]:
+    """Problems with a prompt source, found before any model loads (the file is parsed once here)."""
+    if not source or fmt == "datasets" or Path(source).is_dir():
+        return []  # datasets sources are resolved by `datasets` itself when the stage runs
+    if not Path(source).is_file():
+        return [f"{key}: {source}: no such file (for a datasets name, set data.format=datasets)"]
+    try:
+        read_prompts(source, fmt, column)
+    except DataError as e:
+        return [f"{key}: {e}"]
+    return []
+
+
 def read_optional(source: str, limit: int, max_chars: int) -> list[Prompt]:
     """A plain prompt list (helpful prompts): no shuffle, first `limit`."""
     if not source:

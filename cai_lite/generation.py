@@ -24,14 +24,14 @@ from cai_lite.models import SharedBase
 class Generated:
     texts: list[str]
     ended: list[bool]  # True where the model emitted EOS before the token cap
-    truncated_prompts: int
+    truncated: list[bool]  # True where the prompt was cut to generation.max_prompt_tokens
 
 
-def tokenize_left(base: SharedBase, texts: list[str], max_tokens: int) -> tuple[dict, int]:
-    """Left-padded, left-truncated batch; also the number of prompts that were cut."""
+def tokenize_left(base: SharedBase, texts: list[str], max_tokens: int) -> tuple[dict, list[bool]]:
+    """Left-padded, left-truncated batch; also which prompts were cut."""
     tok = base.tokenizer
     ids = tok(texts, add_special_tokens=False)["input_ids"]
-    cut = sum(len(x) > max_tokens for x in ids)
+    cut = [len(x) > max_tokens for x in ids]
     ids = [x[-max_tokens:] for x in ids]
     width = max(len(x) for x in ids)
     pad = tok.pad_token_id
@@ -51,14 +51,15 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(base: SharedBase, prompts: list[str], adapter: str | None, g: GenerationSettings,
              max_new_tokens: int | None = None, temperature: float | None = None, desc: str = "generate") -> Generated:
-    """Sample one completion per prompt with adapter `adapter` (None = bare base)."""
-    texts, ended, cut = [], [], 0
+    """Sample one completion per prompt with adapter `adapter` (None = bare base). Settings not in
+    `generation` (top_k, repetition_penalty, ...) are the model's own generation_config."""
+    texts, ended, cut = [], [], []
     temperature = g.temperature if temperature is None else temperature
     eos = base.tokenizer.eos_token_id
     with models.role(base, adapter) as model:
         for start in tqdm(range(0, len(prompts), g.batch_size), desc=desc, leave=False, disable=len(prompts) <= g.batch_size):
-            batch, n_cut = tokenize_left(base, prompts[start:start + g.batch_size], g.max_prompt_tokens)
-            cut += n_cut
+            batch, batch_cut = tokenize_left(base, prompts[start:start + g.batch_size], g.max_prompt_tokens)
+            cut += batch_cut
             sampling = dict(do_sample=True, temperature=temperature, top_p=g.top_p) if temperature > 0 else dict(do_sample=False)
             out = model.generate(
                 **batch,

@@ -53,8 +53,10 @@ def check(jc: JudgeConfig, where: str = "judge") -> list[str]:
             return []
     except urllib.error.HTTPError as e:
         return [f"{where}.base_url: {url} answered HTTP {e.code}"]
-    except (urllib.error.URLError, OSError) as e:
-        return [f"{where}.base_url: cannot reach {url} ({getattr(e, 'reason', e)})"]
+    except urllib.error.URLError as e:
+        return [f"{where}.base_url: cannot reach {url} ({e.reason})"]
+    except OSError as e:  # e.g. a timeout while reading the answer
+        return [f"{where}.base_url: cannot reach {url} ({e})"]
 
 
 class OpenAIJudge:
@@ -95,8 +97,8 @@ class OpenAIJudge:
         found: dict[str, float] = {}
         for tok, lp in top.items():
             key = tok.strip()
-            if key in letters and key not in found:
-                found[key] = lp
+            if key in letters:  # "A" and " A" are two tokens for the same answer: add their probabilities
+                found[key] = lp if key not in found else max(found[key], lp) + math.log1p(math.exp(-abs(found[key] - lp)))
         if all(letter in found for letter in letters):
             m = max(found.values())
             exps = [math.exp(found[letter] - m) for letter in letters]

@@ -56,14 +56,16 @@ class Judge(Protocol):
 class LocalJudge:
     """The shared base (with `judge.adapter`, or bare) scoring letters in one batched forward."""
 
-    def __init__(self, base: SharedBase, jc: JudgeConfig, g: GenerationSettings):
+    def __init__(self, base: SharedBase, jc: JudgeConfig, g: GenerationSettings, folder: Path | None = None):
+        """`folder` holds the adapter to judge with (None: the bare base); see `adapter_folder`."""
         self.base, self.g, self.batch_size = base, g, jc.batch_size
         self.name = f"local:{jc.adapter}"
         self.hard_labels = 0
-        self.adapter: str | None = None if jc.adapter == "none" else jc.adapter
-        if self.adapter and Path(self.adapter).is_dir():
-            models.load_adapter(base, "judge", self.adapter)  # a PEFT folder: load it under a role name
-            self.adapter = "judge"
+        self.adapter: str | None = None
+        if folder is not None:
+            name = jc.adapter if jc.adapter in ("sft", "critique") else "judge"
+            models.load_adapter(base, name, folder)  # a no-op when that folder is already loaded
+            self.adapter = name
 
     def _letter_ids(self, letters: str) -> list[int]:
         ids = []
@@ -182,7 +184,7 @@ def build(cfg: Config, base: SharedBase | None) -> list[Judge]:
     out: list[Judge] = []
     for jc in cfg.all_judges():
         if jc.backend == "local":
-            out.append(LocalJudge(base, jc, cfg.generation))
+            out.append(LocalJudge(base, jc, cfg.generation, adapter_folder(cfg, jc)))
         elif jc.backend == "llamacpp":
             out.append(LlamaCppJudge(jc, lambda m, p: data.render(base.tokenizer, m, p)))
         else:
@@ -190,13 +192,32 @@ def build(cfg: Config, base: SharedBase | None) -> list[Judge]:
     return out
 
 
+def adapter_folder(cfg: Config, jc: JudgeConfig) -> Path | None:
+    """Where a local judge's adapter comes from: `none` is the bare base, `sft` the run's SL-CAI
+    adapter, `critique` the critique adapter of `critique_revise.critic_adapter`, else a PEFT folder."""
+    if jc.adapter == "none":
+        return None
+    if jc.adapter == "sft":
+        return cfg.path / "sft" / "adapter"
+    if jc.adapter == "critique":
+        return Path(cfg.critique_revise.critic_adapter)
+    return Path(jc.adapter)
+
+
 def check(cfg: Config) -> list[str]:
-    """Judge problems found before any model loads: missing GGUF, unset key variable, dead server."""
+    """Judge problems found before any model loads: unknown adapter, missing GGUF, unset key
+    variable, dead server."""
     from cai_lite import judge_http
 
     errors = []
     for i, jc in enumerate(cfg.all_judges()):
         where = "judge" if not cfg.judges else f"judges[{i}]"
+        if jc.backend == "local" and jc.adapter != "none":
+            folder = adapter_folder(cfg, jc)
+            will_exist = jc.adapter == "sft" and "sft" in cfg.stages
+            if not will_exist and not (folder / "adapter_config.json").is_file():
+                errors.append(f"{where}.adapter: {jc.adapter!r}: no adapter at {folder} (use none, sft once the sft "
+                              "stage has run, critique with critique_revise.critic_adapter set, or a PEFT folder)")
         if jc.backend == "llamacpp":
             if not jc.gguf_path or not Path(jc.gguf_path).is_file():
                 errors.append(f"{where}.gguf_path: {jc.gguf_path!r}: GGUF file not found "

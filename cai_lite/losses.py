@@ -95,15 +95,3 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token KL estimate log pi(y_t) - log ref(y_t) on the sampled tokens (k1).  (B, T) -> (B, T)"""
     return logp - ref_logp
-
-
-def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """REINFORCE leave-one-out (Ahmadian et al. 2024): each sample's baseline is the mean reward of
-    the other K-1 samples for the same prompt.  (P, K) -> (P, K)"""
-    K = rewards.shape[1]
-    return (K * rewards - rewards.sum(1, keepdim=True)) / (K - 1)
-
-
-def dpo_implicit_reward(policy_logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
-    """beta * (log pi(y|x) - log ref(y|x)) per sequence (Rafailov et al. 2023).  (B,) -> (B,)"""
-    return beta * (policy_logp - ref_logp)

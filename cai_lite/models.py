@@ -146,10 +146,9 @@ def add_adapter(base: SharedBase, name: str, init_from: str | None = None, confi
 
 
 def _lora_tensors(base: SharedBase, name: str) -> list[tuple[str, torch.Tensor]]:
-    """(key without the adapter name, tensor) of adapter `name`, in module order.
-
-    Read from named_parameters, never state_dict(): on CPU, bitsandbytes repacks 4-bit weights when
-    a state dict is taken, which nudges every later output of the shared base."""
+    """(PEFT key without the adapter name, tensor) of adapter `name`, in module order. From
+    named_parameters, never state_dict(): on CPU, bitsandbytes repacks 4-bit weights for a state
+    dict, which nudges every later output of the shared base."""
     return [(n.replace(f".{name}.", "."), p) for n, p in base.model.named_parameters() if f".{name}." in n]
 
 
@@ -169,14 +168,12 @@ def delete_adapter(base: SharedBase, name: str) -> None:
 
 
 def _new_head(base: SharedBase) -> torch.nn.Linear:
-    # Zero init: a new head scores everything 0, so training puts into it only what separates the
-    # labelled pairs. A random head would add a fixed random function of the text, which the
-    # pairwise loss never removes (it sees differences only) and RL would then chase.
+    # Zero init: training puts into the head only what separates the labelled pairs. A random head adds a
+    # random function of the text that the pairwise loss never removes (it sees differences) and RL chases.
     head = torch.nn.Linear(base.hidden_size, 1, bias=True).to(base.device, torch.float32)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    head.requires_grad_(False)
-    return head
+    return head.requires_grad_(False)
 
 
 def add_head(base: SharedBase, name: str) -> None:
@@ -214,10 +211,8 @@ def save_adapter(base: SharedBase, name: str, folder: str | Path) -> Path:
 
 
 def load_adapter(base: SharedBase, name: str, folder: str | Path, replace: bool = False) -> None:
-    """Load a PEFT adapter folder as `name` (frozen), with its head if `head.safetensors` is there.
-
-    Loading the folder an adapter already came from is a no-op, so stages that run in one process
-    after the stage that trained the adapter do not load it twice."""
+    """Load a PEFT folder as `name` (frozen), with `head.safetensors` if there. Loading the folder an
+    adapter already came from is a no-op, so later stages in the same process don't load it twice."""
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
@@ -282,8 +277,10 @@ def active_adapter(model: PeftModel, name: str, trainable: bool = False) -> Iter
     was_disabled = model._adapters_disabled  # PEFT's flag for "inside disable_adapter()"
     try:
         if was_disabled:
-            model.base_model.enable_adapter_layers()
+            model.base_model.enable_adapter_layers()  # PEFT also makes the active adapter trainable here:
             model._adapters_disabled = False
+            for p, flag in grads:  # undo that
+                p.requires_grad_(flag)
         _point_at(model, name)
         for n, p in params:
             if f".{name}." in n:
@@ -320,14 +317,15 @@ def role(base: SharedBase, name: str | None, trainable: bool = False) -> Iterato
         with no_adapter(base.model) as m:
             yield m
     else:
+        heads = [(p, p.requires_grad) for p in base.heads.parameters()]
         with active_adapter(base.model, name, trainable=trainable) as m:
-            if name in base.heads and trainable:
-                base.heads[name].requires_grad_(True)
             try:
+                if name in base.heads:
+                    base.heads[name].requires_grad_(trainable)
                 yield m
             finally:
-                if name in base.heads:
-                    base.heads[name].requires_grad_(False)
+                for p, flag in heads:
+                    p.requires_grad_(flag)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai_lite import constitution as C
+from cai_lite.data import DataError
 from cai_lite.judges import ChoicePrompt, Judge
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -33,7 +34,7 @@ class Item:
 def _letter(option: str, path: Path, n: int) -> str:
     m = re.fullmatch(r"\s*\(([A-Z])\)\s*", option)
     if not m:
-        raise ValueError(f"{path}:{n}: cannot read an option letter from {option!r}")
+        raise DataError(f"{path}:{n}: cannot read an option letter from {option!r}")
     return m.group(1)
 
 
@@ -44,10 +45,13 @@ def load_items(path: str | Path, limit: int = 0) -> list[Item]:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            correct = _letter(row["corrects"][0], path, n)
-            letters = "".join(sorted({correct, *(_letter(o, path, n) for o in row["incorrects"])}))
-            question = row["prompt"].strip().removesuffix("The answer is:").strip()
+            try:
+                row = json.loads(line)
+                correct = _letter(row["corrects"][0], path, n)
+                letters = "".join(sorted({correct, *(_letter(o, path, n) for o in row["incorrects"])}))
+                question = row["prompt"].strip().removesuffix("The answer is:").strip()
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as e:
+                raise DataError(f"{path}:{n}: not an eval item {{prompt, corrects, incorrects}} ({type(e).__name__}: {e})") from None
             pair = (row["text_correct"], row["text_incorrect"]) if "text_correct" in row else None
             items.append(Item(ChoicePrompt([{"role": "user", "content": question}], C.COMPARISON_PREFILL),
                               correct, letters, pair))
@@ -83,9 +87,11 @@ def reward_accuracy(base, items: list[Item], batch_size: int, max_tokens: int) -
     from cai_lite import rollout
 
     pairs = [it.transcripts for it in items if it.transcripts is not None]
+    if not pairs:
+        return {"accuracy": None, "n": 0}
     texts = [base.tokenizer.apply_chat_template(transcript_messages(t), tokenize=False) for p in pairs for t in p]
     scores = rollout.score_texts(base, texts, batch_size, max_tokens).view(-1, 2)
-    return {"accuracy": (scores[:, 0] > scores[:, 1]).float().mean().item() if pairs else None, "n": len(pairs)}
+    return {"accuracy": (scores[:, 0] > scores[:, 1]).float().mean().item(), "n": len(pairs)}
 
 
 def share_of_letter(items: list[Item], letter: str) -> float:

@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,19 +61,29 @@ def stage_table() -> list[Stage]:
         Stage("label_preferences", label_preferences.run, gen + judge + ("label_preferences",), ("sft",),
               check=label_preferences.check),
         Stage("reward_model", reward_model.run, TRAIN_KEYS + ("reward_model",), ("label_preferences",)),
-        Stage("ppo", ppo.run, TRAIN_KEYS + ("data", "ppo"), ("sft", "reward_model"), check=ppo.check),
-        Stage("rloo", rloo.run, TRAIN_KEYS + ("data", "rloo"), ("sft", "reward_model")),
+        Stage("ppo", ppo.run, TRAIN_KEYS + ("data", "generation", "ppo"), ("sft", "reward_model"), check=ppo.check),
+        Stage("rloo", rloo.run, TRAIN_KEYS + ("data", "generation", "rloo"), ("sft", "reward_model")),
         Stage("dpo", dpo.run, TRAIN_KEYS + ("dpo",), ("sft", "label_preferences")),
-        Stage("evaluate", evaluate.run, gen + judge + ("evaluate",), ("sft",),
+        # evaluate also reads what other stages trained on, to keep it out of the held-out prompts
+        Stage("evaluate", evaluate.run, gen + judge + ("evaluate", "label_preferences.num_principles",
+                                                       "critique_revise.helpful_prompts", "critique_revise.helpful_limit",
+                                                       "ppo.prompts"), ("sft",),
               ("reward_model", "ppo", "rloo", "dpo"), check=evaluate.check),
         Stage("export", export.run, BASE_KEYS + ("export",), (), ("sft", "ppo", "rloo", "dpo"), check=export.check),
     ]
+
+
+UNHASHED = ("concurrency", "timeout_s", "retries", "batch_size", "n_threads")  # judge keys that change speed, not labels
 
 
 def _pick(cfg: Config, key: str):
     value = cfg
     for part in key.split("."):
         value = getattr(value, part)
+    if key in ("judge", "judges"):
+        judges = [value] if key == "judge" else value
+        picked = [{k: v for k, v in dataclasses.asdict(j).items() if k not in UNHASHED} for j in judges]
+        return picked[0] if key == "judge" else picked
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
@@ -94,51 +105,68 @@ def read_stage_json(cfg: Config, name: str) -> dict | None:
 class Plan:
     """What each selected stage will do, decided before any model loads."""
 
-    actions: dict[str, str]  # stage -> run | skip | resume
+    actions: dict[str, str]  # stage -> run | skip
     hashes: dict[str, str]
     snapshots: dict[str, dict]
+    inputs: dict[str, list[str]]  # stage -> the upstream stages whose outputs it reads in this run
+
+
+def _stale(done: dict | None, present: list[str], outputs: dict[str, str | None]) -> list[str]:
+    """Upstream stages whose output changed (or will be remade now) since `done` was made from it."""
+    made_from = (done or {}).get("inputs_done", {})
+    return [up for up in present if outputs.get(up) is None or made_from.get(up) != outputs[up]]
 
 
 def plan(cfg: Config, table: list[Stage]) -> Plan:
-    """Decide run/skip for every selected stage; raise ConfigError with every refusal."""
+    """Decide run/skip for every selected stage; raise ConfigError with every refusal.
+
+    A stage reruns when forced, when its config hash changed through an upstream stage's config,
+    or when an upstream output it read was remade since (each stage.json records the `output_id`
+    of what it read). It is refused when its own keys changed, and so is reading an unselected
+    stage whose output no longer matches the config or its own inputs."""
     errors: list[str] = []
-    selected = [s for s in table if s.name in cfg.stages]
+    selected = {s.name for s in table if s.name in cfg.stages}
     hashes: dict[str, str] = {}
     snapshots: dict[str, dict] = {}
     actions: dict[str, str] = {}
+    inputs: dict[str, list[str]] = {}
+    outputs: dict[str, str | None] = {}  # stage -> output_id on disk; None if remade in this run
     for stage in table:
         done = read_stage_json(cfg, stage.name)
-        inputs = {}
-        for up in stage.reads + stage.optional_reads:
-            if up in hashes and (up in cfg.stages or read_stage_json(cfg, up)):
-                inputs[up] = hashes[up] if up in cfg.stages else read_stage_json(cfg, up)["config_hash"]
-            elif up in stage.reads and stage.name in cfg.stages:
-                errors.append(f"stages: {stage.name} reads the output of {up}, which is neither selected nor "
-                              f"done in {cfg.path} (add {up} to stages)")
-        snap = {"config": {k: _pick(cfg, k) for k in stage.keys}, "inputs": inputs}
+        present = [up for up in stage.reads + stage.optional_reads if up in selected or read_stage_json(cfg, up)]
+        inputs[stage.name] = present
+        if stage.name in selected:
+            for up in stage.reads:
+                if up not in present:
+                    errors.append(f"stages: {stage.name} reads the output of {up}, which is neither selected nor "
+                                  f"done in {cfg.path} (add {up} to stages)")
+        snap = {"config": {k: _pick(cfg, k) for k in stage.keys}, "inputs": {up: hashes[up] for up in present}}
         snapshots[stage.name] = snap
         hashes[stage.name] = hashlib.sha256(json.dumps(snap, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        if stage.name not in cfg.stages:
-            if done and done["config_hash"] != hashes[stage.name] and _own_changes(done, snap):
-                # A later stage may read this output: say so if it no longer matches the config.
-                readers = [s.name for s in selected if stage.name in s.reads + s.optional_reads]
-                if readers:
-                    errors.append(f"{stage.name}: its output in {cfg.path} was made with other settings "
-                                  f"({'; '.join(_own_changes(done, snap))}), and {', '.join(readers)} would read it; "
-                                  f"add {stage.name} to stages to redo it")
+        changes = _own_changes(done, snap) if done else []
+        stale = _stale(done, present, outputs)
+        if stage.name not in selected:
+            outputs[stage.name] = done.get("output_id") if done else None
+            readers = [s.name for s in table if s.name in selected and stage.name in s.reads + s.optional_reads]
+            if done and readers and (changes or stale):
+                why = (f"it was made with other settings ({'; '.join(changes)})" if changes
+                       else f"its input {', '.join(stale)} was remade after it ran")
+                errors.append(f"{stage.name}: its output in {cfg.path} is out of date: {why}, and "
+                              f"{', '.join(readers)} would read it; add {stage.name} to stages to redo it")
             continue
         if stage.name in cfg.force or done is None:
             actions[stage.name] = "run"
-        elif done["config_hash"] == hashes[stage.name]:
-            actions[stage.name] = "skip"
-        elif changes := _own_changes(done, snap):
+        elif changes:
             errors.append(f"{stage.name}: already done with other settings: {'; '.join(changes)}. "
                           f"Use force=[{stage.name}] to redo it, or run_name= for a new run")
+        elif done["config_hash"] != hashes[stage.name] or stale:
+            actions[stage.name] = "run"  # an upstream stage changed or was redone: redo this one too
         else:
-            actions[stage.name] = "run"  # only an upstream stage was redone: redo this one too
+            actions[stage.name] = "skip"
+        outputs[stage.name] = None if actions.get(stage.name) == "run" else done.get("output_id")
     if errors:
         raise ConfigError(errors)
-    return Plan(actions, hashes, snapshots)
+    return Plan(actions, hashes, snapshots, inputs)
 
 
 def _own_changes(done: dict, snap: dict) -> list[str]:
@@ -162,14 +190,16 @@ class _Memory:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
-    def reset(self) -> None:
+    def reset(self) -> str:
+        """Start a new peak; return what the peak will cover: this stage, or the whole process."""
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-            except OSError:
-                pass
+            return "stage"
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+            return "stage"
+        except OSError:  # not Linux, or not allowed: the peak then covers the process so far
+            return "process"
 
     def peak_mb(self) -> float:
         if self.cuda:
@@ -187,8 +217,8 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def run(cfg: Config, base=None) -> dict[str, dict]:
-    """Run `cfg.stages`; return each stage's stage.json. `base` lets tests share one loaded model."""
+def run(cfg: Config) -> dict[str, dict]:
+    """Run `cfg.stages` in one process on one loaded base; return each stage's stage.json."""
     from cai_lite import models, tiny
 
     table = stage_table()
@@ -204,12 +234,11 @@ def run(cfg: Config, base=None) -> dict[str, dict]:
             results[s.name] = read_stage_json(cfg, s.name)
     if not todo:
         return results
-    if base is None:
-        if cfg.base.create != "none" and not Path(cfg.base.model).exists():
-            arch = cfg.base.create.split("-", 1)[1]
-            log.info("building tiny %s model at %s", arch, cfg.base.model)
-            tiny.build_tiny_model(cfg.base.model, arch)
-        base = models.load_base(cfg)
+    if cfg.base.create != "none" and not Path(cfg.base.model).exists():
+        arch = cfg.base.create.split("-", 1)[1]
+        log.info("building tiny %s model at %s", arch, cfg.base.model)
+        tiny.build_tiny_model(cfg.base.model, arch)
+    base = models.load_base(cfg)
     memory = _Memory(base.device)
     for stage in todo:
         out = cfg.path / stage.name
@@ -222,15 +251,18 @@ def run(cfg: Config, base=None) -> dict[str, dict]:
         token = current_stage.set(stage.name)
         try:
             transformers.set_seed(cfg.seed)
-            memory.reset()
+            scope = memory.reset()
             start = time.perf_counter()
             log.info("start%s", " (resuming)" if resumable else "")
             metrics = stage.run(cfg, base, out)
             record = {
                 "stage": stage.name,
                 "config_hash": decided.hashes[stage.name],
+                "output_id": uuid.uuid4().hex,  # what later stages record having read
+                "inputs_done": {up: read_stage_json(cfg, up)["output_id"] for up in decided.inputs[stage.name]},
                 "seconds": round(time.perf_counter() - start, 2),
                 "peak_memory_mb": round(memory.peak_mb(), 1),
+                "peak_memory_scope": scope,
                 "memory": models.memory_account(base),
                 **decided.snapshots[stage.name],
                 **metrics,

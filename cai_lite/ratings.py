@@ -160,21 +160,6 @@ def bradley_terry(outcomes: Sequence[Outcome], iters: int = 200, prior: float = 
     return {name: float(ratings[index[name]]) for name in names}
 
 
-def elo_sequential(outcomes: Sequence[Outcome], k: float = 16, start: float = 1000) -> dict[str, float]:
-    """Classic online Elo: update both ratings after each outcome, in the order given.
-
-    Order-dependent by design (recent games weigh more), so two shuffles of the same outcomes
-    give different ratings; use it only as a cross-check of `bradley_terry`. Soft outcomes are
-    allowed: the update is k * (p_a - expected_a)."""
-    ratings: dict[str, float] = {}
-    for a, b, p in _validated(outcomes):
-        ra, rb = ratings.setdefault(a, float(start)), ratings.setdefault(b, float(start))
-        expected_a = 1.0 / (1.0 + 10.0 ** ((rb - ra) / ELO_SCALE))
-        delta = k * (p - expected_a)
-        ratings[a], ratings[b] = ra + delta, rb - delta
-    return ratings
-
-
 def rate_with_ci(flags: Sequence[bool | float], z: float = 1.96) -> dict[str, float]:
     """Rate of a yes/no property (e.g. harmful, evasive) with its Wilson interval.
 

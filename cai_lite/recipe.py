@@ -47,7 +47,10 @@ def load_config(argv: list[str]) -> Config:
     path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else RECIPES / f"{recipe}.yaml"
     if not path.is_file():
         names = ", ".join(available_recipes()) or "(none)"
-        raise ConfigError(errors + [f"recipe={recipe}: no such recipe ({path}); available: {names}"])
+        errors.append(f"recipe={recipe}: no such recipe ({path}); available: {names}")
+        for key, value, raw in overrides:  # still report bad overrides, against the schema's defaults
+            apply_override(Config(), Config, key, value, raw, errors)
+        raise ConfigError(errors)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -92,7 +95,7 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"rloo.num_samples must be >= 2 for a leave-one-out baseline (got {cfg.rloo.num_samples})")
     if not 0 < cfg.reward_model.eval_fraction < 1:
         e.append(f"reward_model.eval_fraction must be in (0, 1) (got {cfg.reward_model.eval_fraction})")
-    if cfg.ppo.batch_size % cfg.ppo.minibatch_size:
+    if cfg.ppo.minibatch_size >= 1 and cfg.ppo.batch_size % cfg.ppo.minibatch_size:
         e.append(f"ppo.batch_size ({cfg.ppo.batch_size}) must be a multiple of ppo.minibatch_size ({cfg.ppo.minibatch_size})")
     if not 0 <= cfg.dpo.min_confidence < 0.5:
         e.append(f"dpo.min_confidence must be in [0, 0.5) (got {cfg.dpo.min_confidence})")
@@ -101,11 +104,24 @@ def validate(cfg: Config) -> list[str]:
             e.append(f"export.gguf_types: unknown type {t!r} (f32, f16, q8_0)")
     if cfg.export.adapter not in ("none", "sft", "ppo", "rloo", "dpo"):
         e.append(f"export.adapter must be none, sft, ppo, rloo or dpo (got {cfg.export.adapter!r})")
-    for name, value in (("generation.batch_size", cfg.generation.batch_size), ("sft.batch_size", cfg.sft.batch_size),
-                        ("reward_model.batch_size", cfg.reward_model.batch_size), ("critique_revise.shard_size", cfg.critique_revise.shard_size),
-                        ("label_preferences.shard_size", cfg.label_preferences.shard_size), ("lora.r", cfg.lora.r)):
+    at_least_one = ["generation.batch_size", "generation.max_new_tokens", "generation.max_prompt_tokens", "lora.r",
+                    "critique_revise.shard_size", "label_preferences.shard_size", "sft.batch_size", "sft.grad_accum",
+                    "reward_model.batch_size", "reward_model.epochs", "ppo.steps", "ppo.batch_size", "ppo.minibatch_size",
+                    "ppo.grad_accum", "ppo.ppo_epochs", "ppo.max_new_tokens", "rloo.steps", "rloo.batch_size",
+                    "rloo.max_new_tokens", "dpo.batch_size", "dpo.grad_accum", "evaluate.max_new_tokens",
+                    "evaluate.bootstrap", "judge.batch_size", "judge.n_ctx", "judge.n_threads", "judge.concurrency",
+                    "judge.top_logprobs"]
+    for key in at_least_one:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
         if value < 1:
-            e.append(f"{name} must be >= 1 (got {value})")
+            e.append(f"{key} must be >= 1 (got {value})")
+    for key in ("data.limit", "data.eval_prompts", "critique_revise.few_shot", "critique_revise.helpful_limit",
+                "label_preferences.max_prompts", "label_preferences.few_shot", "evaluate.helpful_limit",
+                "evaluate.paper_eval_limit", "judge.retries"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            e.append(f"{key} must be >= 0 (got {getattr(getattr(cfg, section), name)})")
     return e
 
 

@@ -32,7 +32,7 @@ def _win(metrics: dict, model: str, other: str, kind: str) -> dict | None:
 
 
 def _win_cell(w: dict | None) -> str:
-    return "-" if not w else f"{w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]"
+    return "-" if not w or w["win_rate"] is None else f"{w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]"
 
 
 def table_rows(metrics: dict) -> list[list[str]]:
@@ -127,6 +127,7 @@ def plot_stages(metrics: dict, path: Path) -> None:
     x = range(len(models))
     for off, kind in ((-0.2, "harmless"), (0.2, "helpful")):
         ws = [_win(metrics, m, "base", kind) for m in models]
+        ws = [w if w and w["win_rate"] is not None else None for w in ws]
         ys = [w["win_rate"] if w else 0.5 for w in ws]
         err = [[y - (w["ci_low"] if w else y) for y, w in zip(ys, ws)], [(w["ci_high"] if w else y) - y for y, w in zip(ys, ws)]]
         ax1.bar([i + off for i in x], ys, 0.4, yerr=err, capsize=3, label=f"{kind} prompts")
@@ -180,10 +181,13 @@ def plot_judges(run_dir: Path, path: Path) -> bool:
     names = list(per)
     fig, ax = plt.subplots(figsize=(6, 3.6))
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [per[n]["position_consistency"] or 0 for n in names], 0.4,
-           label="position consistency (choice survives the swap)")
-    ax.bar([i + 0.2 for i in x], [per[n]["first_slot_preference"] or 0 for n in names], 0.4,
-           label="raw preference for slot (A)")
+    for off, key, label in ((-0.2, "position_consistency", "position consistency (choice survives the swap)"),
+                            (0.2, "first_slot_preference", "raw preference for slot (A)")):
+        values = [per[n][key] for n in names]
+        ax.bar([i + off for i in x], [v or 0 for v in values], 0.4, label=label)
+        for i, v in zip(x, values):
+            if v is None:  # no decided comparisons: say so rather than draw a zero
+                ax.text(i + off, 0.02, "n/a", ha="center")
     ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
     ax.set(xticks=list(x), xticklabels=names, ylim=(0, 1), ylabel="share of comparisons", xlabel="judge",
            title="Judge position bias (label_preferences)")

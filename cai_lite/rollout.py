@@ -48,8 +48,10 @@ def sample(base: SharedBase, adapter: str, prompts: list[str], max_new_tokens: i
     enc, _ = generation.tokenize_left(base, rendered, max_prompt_tokens)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     with models.role(base, adapter) as model:
+        # Pure sampling from pi/T: no top-k/top-p or repetition penalty from the model's generation_config
+        # (Qwen2.5 sets one), or the log-prob ratios and the KL estimate would be of another distribution.
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                             top_p=1.0, top_k=0, eos_token_id=eos, pad_token_id=pad)
+                             top_p=1.0, top_k=0, repetition_penalty=1.0, eos_token_id=eos, pad_token_id=pad)
     resp = out[:, enc["input_ids"].shape[1]:]  # (B, T)
     is_eos = resp == eos
     # Keep tokens up to and including the first EOS; generate() pads the rest.
@@ -66,9 +68,11 @@ def response_logits(model, ro: Rollout, temperature: float) -> torch.Tensor:
 
     Divided by the sampling temperature, so log-probs match the distribution that sampled them."""
     ids, mask = ro.full()
-    Tq = ro.query.shape[1]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=generation.positions(mask), use_cache=False)
-    return out.logits[:, Tq - 1:-1, :].float() / temperature  # position t predicts token t+1
+    T = ro.response.shape[1]
+    # Only the last T+1 positions' logits: the prompt's would cost (B, Tq, V) floats for nothing.
+    out = model(input_ids=ids, attention_mask=mask, position_ids=generation.positions(mask), use_cache=False,
+                logits_to_keep=T + 1)
+    return out.logits[:, :-1, :].float() / temperature  # position t predicts token t+1
 
 
 def response_logprobs(base: SharedBase, adapter: str, ro: Rollout, temperature: float,

@@ -56,5 +56,7 @@ def test_split_is_seeded_disjoint_and_counts_truncation():
 
 def test_shards_are_atomic(tmp_path):
     data.write_shard(data.shard_path(tmp_path, 0), [{"a": 1}, {"a": "ü"}])
-    (tmp_path / "part-00001.jsonl.tmp").write_text('{"half": ')  # what a crash mid-write leaves
+    with pytest.raises(TypeError):  # a crash halfway through writing shard 1 ...
+        data.write_shard(data.shard_path(tmp_path, 1), [{"a": 2}, {"a": object()}])
+    assert not data.shard_path(tmp_path, 1).exists()  # ... leaves no shard 1 for a rerun to trust
     assert data.read_shards(tmp_path) == [{"a": 1}, {"a": "ü"}]

@@ -215,3 +215,15 @@ def test_qwen2_tiny_model_shares_its_base_too(tiny_qwen2, tmp_path):
     with models.role(base, None) as m:
         bare = _logits(m, batch)
     assert not torch.allclose(adapted, bare) and torch.isfinite(adapted).all()
+
+
+def test_nested_switching_restores_heads_and_flags(base3):
+    with models.role(base3, "sft"), models.no_adapter(base3.model):
+        with models.active_adapter(base3.model, "policy"):
+            assert not any(p.requires_grad for p in base3.model.parameters())  # nothing trainable leaks in
+    with models.role(base3, "reward", trainable=True):
+        assert all(p.requires_grad for p in base3.heads["reward"].parameters())
+        with models.role(base3, "reward"):  # a frozen look at the same role, e.g. scoring mid-training
+            assert not any(p.requires_grad for p in base3.heads["reward"].parameters())
+        assert all(p.requires_grad for p in base3.heads["reward"].parameters())
+    assert not any(p.requires_grad for p in base3.heads.parameters())

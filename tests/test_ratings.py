@@ -13,7 +13,6 @@ from cai_lite.ratings import (
     Outcome,
     bootstrap_ci,
     bradley_terry,
-    elo_sequential,
     rate_with_ci,
     wilson_interval,
     win_rate,
@@ -191,17 +190,3 @@ def test_bradley_terry_rejects_bad_input():
 
 
 # ---------------------------------------------------------------- sequential Elo
-
-def test_elo_one_win_moves_eight_points():
-    assert elo_sequential([Outcome("A", "B", 1.0)], k=16) == {"A": 1008.0, "B": 992.0}
-    assert elo_sequential([("A", "B", 0.5)]) == {"A": 1000.0, "B": 1000.0}
-
-
-def test_elo_is_order_dependent_but_agrees_in_direction_with_bt():
-    outcomes = _bt_outcomes({"A": 9.0, "B": 3.0, "C": 1.0}, per_pair=40, soft=False)
-    forward, backward = elo_sequential(outcomes), elo_sequential(outcomes[::-1])
-    assert forward != backward
-    for ratings in (forward, backward):
-        assert sum(ratings.values()) == pytest.approx(3000.0)  # zero-sum updates
-    bt = bradley_terry(outcomes)
-    assert sorted(bt, key=bt.get) == sorted(forward, key=forward.get) == ["C", "B", "A"]

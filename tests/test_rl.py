@@ -47,14 +47,48 @@ def test_soft_label_loss_matches_hand_computation():
         -(math.log(s(1.0 - 1.0)) + math.log(s(0.0 - 1.0)) + math.log(s(2.0 - 1.0))) / 3, rel=1e-6)
 
 
-def test_rloo_advantages_and_gae_by_hand():
-    adv = losses.rloo_advantages(torch.tensor([[1.0, 2.0, 3.0]]))
-    assert adv.tolist() == [[1 - 2.5, 2 - 2.0, 3 - 1.5]]
+def test_gae_and_ppo_losses_by_hand():
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
     values = torch.tensor([[0.5, 0.5, 0.5, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     a, ret = losses.gae(rewards, values, mask, gamma=1.0, lam=1.0)
     assert a.tolist() == [[0.5, 0.5, 0.5, 0.0]] and ret.tolist() == [[1.0, 1.0, 1.0, 0.0]]  # padding ignored
+    # gamma 0.9, lambda 0.8: deltas 0.04, 0.03, 0.3; A_t = delta_t + 0.72 A_{t+1}
+    a, ret = losses.gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.7]]), torch.ones(1, 3), 0.9, 0.8)
+    assert a[0].tolist() == pytest.approx([0.04 + 0.72 * 0.246, 0.246, 0.3])
+    assert ret[0].tolist() == pytest.approx([0.5 + 0.21712, 0.6 + 0.246, 1.0])
+    # Clipped surrogate: ratio 1.5 with A=+1 clips to 1.2; ratio 0.5 with A=-1 clips to 0.8.
+    logp, old = torch.log(torch.tensor([[1.5, 0.5]])), torch.zeros(1, 2)
+    loss, clipfrac = losses.ppo_policy_loss(logp, old, torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), 0.2)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2) and clipfrac.item() == 1.0
+    loss, clipfrac = losses.ppo_policy_loss(torch.log(torch.tensor([[1.1]])), torch.zeros(1, 1), torch.ones(1, 1),
+                                            torch.ones(1, 1), 0.2)
+    assert loss.item() == pytest.approx(-1.1) and clipfrac.item() == 0.0
+    v = losses.ppo_value_loss(torch.tensor([[2.0]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.5)
+    assert v.item() == pytest.approx(0.5 * max((2 - 1) ** 2, (0.5 - 1) ** 2))
+    w = losses.whiten(torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert w[0, :3].tolist() == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-4)
+
+
+def test_rollout_logprobs_match_what_generate_sampled(tiny_llama, tmp_path):
+    """The log-probs PPO computes for a left-padded batch are those of the tokens generate() drew,
+    at the positions it drew them: an off-by-one would show here at once."""
+    base = models.load_base(tiny_config(tmp_path, tiny_llama))
+    models.add_adapter(base, "policy")
+    prompts = ["Hi", "Tell me something long about the sea and the sky, please.", "Why?"]
+    torch.manual_seed(5)
+    ro = rollout.sample(base, "policy", prompts, 10, 0.7, 512)
+    enc, _ = rollout.generation.tokenize_left(base, [data.render(base.tokenizer, [{"role": "user", "content": p}])
+                                                     for p in prompts], 512)
+    torch.manual_seed(5)
+    with models.role(base, "policy") as m, torch.no_grad():
+        out = m.generate(**enc, max_new_tokens=10, do_sample=True, temperature=0.7, top_p=1.0, top_k=0,
+                         repetition_penalty=1.0, eos_token_id=base.tokenizer.eos_token_id,
+                         pad_token_id=base.tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
+        sampled = m.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)  # (B, T)
+    assert torch.equal(out.sequences[:, enc["input_ids"].shape[1]:][ro.mask.bool()], ro.response[ro.mask.bool()])
+    ours = rollout.response_logprobs(base, "policy", ro, 0.7, 2)
+    assert torch.allclose(ours[ro.mask.bool()], sampled[:, : ro.mask.shape[1]][ro.mask.bool()], atol=1e-4)
 
 
 def _clean(tok, t: int) -> bool:
@@ -144,8 +178,10 @@ def test_ppo_raises_reward_on_one_base(rl):
 
 def test_ppo_step_restores_adapter_state(rl):
     cfg, base, _ = rl
-    if "policy" not in base.adapters:
-        pytest.skip("needs the PPO roles; run with test_ppo_raises_reward_on_one_base")
+    rollout.load_roles(base, cfg.path)
+    for role, src in (("policy", "sft"), ("value", "reward")):
+        if role not in base.adapters:
+            models.copy_adapter(base, src, role)
     state = (base.model.active_adapter, [p.requires_grad for p in base.model.parameters()],
              [p.requires_grad for p in base.heads.parameters()])
     params = models.adapter_parameters(base, "policy") + models.adapter_parameters(base, "value")

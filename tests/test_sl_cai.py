@@ -23,10 +23,10 @@ COLUMNS = {"init_prompt", "init_response", "critic_prompt", "critic_response", "
            "prompt", "messages", "chosen", "rejected", "rounds", "id", "type"}
 
 
-def test_critique_revise_then_sft(tmp_path, tiny_llama, nf4_base):
+def test_critique_revise_then_sft(tmp_path, tiny_llama):
     cfg = tiny_config(tmp_path / "run", tiny_llama, "stages=[critique_revise,sft]", "critique_revise.rounds=3",
                       "data.limit=6", "critique_revise.helpful_limit=2", "sft.max_steps=3", "sft.targets=all_rounds")
-    out = pipeline.run(cfg, base=nf4_base)
+    out = pipeline.run(cfg)
     rows = data.read_shards(cfg.path / "critique_revise")
     assert len(rows) == 8 and out["critique_revise"]["rows"] == 8
     harmless = [r for r in rows if r["type"] == "harmless"]
@@ -45,17 +45,17 @@ def test_critique_revise_then_sft(tmp_path, tiny_llama, nf4_base):
     assert out["sft"]["train_rows"] == 6 * 3 + 2  # every round's revision, plus the helpful rows
 
 
-def test_hh_rlhf_prompts(tmp_path, tiny_llama, nf4_base, shared_data):
+def test_hh_rlhf_prompts(tmp_path, tiny_llama, shared_data):
     cfg = tiny_config(tmp_path / "hh", tiny_llama, "stages=[critique_revise]", "critique_revise.rounds=1",
                       f"data.prompts={shared_data / 'hh-rlhf-harmless-base-test.part-dev.jsonl.gz'}", "data.limit=4",
                       "data.eval_prompts=2", "critique_revise.helpful_prompts=", "data.max_prompt_chars=60")
-    out = pipeline.run(cfg, base=nf4_base)
+    out = pipeline.run(cfg)
     rows = data.read_shards(cfg.path / "critique_revise")
     assert len(rows) == 4 and all(len(r["prompt"]) <= 60 for r in rows)
     assert out["critique_revise"]["truncated_prompt_chars"] > 0
 
 
-def test_kill_between_shards_and_resume(tmp_path, tiny_llama, nf4_base):
+def test_kill_between_shards_and_resume(tmp_path, tiny_llama):
     args = [f"run_dir={tmp_path / 'kill'}", f"base.model={tiny_llama}", "base.create=none", "stages=[critique_revise]",
             "critique_revise.shard_size=2", "data.limit=12", "critique_revise.helpful_prompts=",
             "generation.max_new_tokens=96", "critique_revise.rounds=2"]
@@ -71,7 +71,7 @@ def test_kill_between_shards_and_resume(tmp_path, tiny_llama, nf4_base):
     kept = sorted(p.name for p in out.glob("part-*.jsonl"))
     assert 1 <= len(kept) < 6
     cfg = tiny_config(tmp_path / "kill", tiny_llama, *args[3:])
-    result = pipeline.run(cfg, base=nf4_base)
+    result = pipeline.run(cfg)
     rows = data.read_shards(out)
     assert len(rows) == 12 and len({r["id"] for r in rows}) == 12
     assert result["critique_revise"]["resumed_shards"] == len(kept)
@@ -113,7 +113,7 @@ def test_sft_learns_the_revisions(tmp_path, tiny_llama, nf4_base):
     assert list((cfg.path / "sft" / "trainer").rglob("events.out.tfevents*")), "no TensorBoard log"
 
 
-def test_swappable_critique_adapter_from_any_peft_folder(tmp_path, tiny_llama, nf4_base):
+def test_swappable_critique_adapter_from_any_peft_folder(tmp_path, tiny_llama):
     """A PEFT folder written by PEFT itself (not by cai_lite) becomes the `critique` adapter, and the
     critiques change while the policy's initial answers do not."""
     from peft import LoraConfig, get_peft_model
@@ -128,10 +128,10 @@ def test_swappable_critique_adapter_from_any_peft_folder(tmp_path, tiny_llama, n
     peft_model.save_pretrained(tmp_path / "critic")
     common = ["stages=[critique_revise]", "critique_revise.rounds=1", "data.limit=4", "critique_revise.helpful_prompts=",
               "generation.temperature=0"]
-    plain_run = pipeline.run(tiny_config(tmp_path / "a", tiny_llama, *common), base=nf4_base)
+    plain_run = pipeline.run(tiny_config(tmp_path / "a", tiny_llama, *common))
     swapped = tiny_config(tmp_path / "b", tiny_llama, *common, f"critique_revise.critic_adapter={tmp_path / 'critic'}")
-    pipeline.run(swapped, base=nf4_base)
-    assert "critique" in nf4_base.adapters and plain_run["critique_revise"]["rows"] == 4
+    pipeline.run(swapped)
+    assert plain_run["critique_revise"]["rows"] == 4
     a = {r["id"]: r for r in data.read_shards(tmp_path / "a" / "critique_revise")}
     b = {r["id"]: r for r in data.read_shards(tmp_path / "b" / "critique_revise")}
     assert all(a[i]["init_response"] == b[i]["init_response"] for i in a)

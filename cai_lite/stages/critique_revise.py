@@ -34,9 +34,8 @@ def check(cfg: Config) -> list[str]:
         C.load(cfg.constitution)
     except C.ConstitutionError as e:
         errors.append(f"constitution: {e}")
-    for key, src in (("data.prompts", cfg.data.prompts), ("critique_revise.helpful_prompts", cfg.critique_revise.helpful_prompts)):
-        if src and cfg.data.format != "datasets" and not Path(src).exists():
-            errors.append(f"{key}: {src}: file not found")
+    errors += data.check_source("data.prompts", cfg.data.prompts, cfg.data.format, cfg.data.column)
+    errors += data.check_source("critique_revise.helpful_prompts", cfg.critique_revise.helpful_prompts)
     for key, folder in (("critique_revise.policy_adapter", cfg.critique_revise.policy_adapter),
                         ("critique_revise.critic_adapter", cfg.critique_revise.critic_adapter)):
         if folder and not (Path(folder) / "adapter_config.json").is_file():
@@ -75,13 +74,13 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     patterns = [re.compile(p, re.IGNORECASE) for p in cr.cleanup_patterns]
     items = [("harmless", p) for p in split.train] + [("helpful", p) for p in helpful]
     shards = data.chunks(items, cr.shard_size)
-    stats = {"cleanup_removals": 0, "empty_revisions": 0, "truncated_prompt_tokens": 0, "resumed_shards": 0}
+    resumed = 0
     for index, shard in enumerate(tqdm(shards, desc="critique_revise shards")):
         path = data.shard_path(out, index)
         if path.is_file():
-            stats["resumed_shards"] += 1  # written by an earlier, interrupted run with the same config
+            resumed += 1  # written by an earlier, interrupted run with the same config
             continue
-        rows = _shard_rows(cfg, base, const, shard, policy, critic, patterns, stats)
+        rows = _shard_rows(cfg, base, const, shard, policy, critic, patterns)
         data.write_shard(path, rows)
     rows = data.read_shards(out)
     harmless = [r for r in rows if r["type"] == "harmless"]
@@ -96,7 +95,11 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         "duplicate_prompts_dropped": split.duplicates,
         "mean_init_chars": _mean(len(r["init_response"]) for r in harmless),
         "mean_final_chars": _mean(len(r["revision_response"]) for r in harmless),
-        **stats,
+        # Counted from the rows, so a resumed run reports every shard, not only the ones it wrote.
+        "cleanup_removals": sum(r["cleanup_removals"] for r in rows),
+        "empty_revisions": sum(r["empty_revisions"] for r in rows),
+        "truncated_prompt_tokens": sum(r["prompt_truncated"] for r in rows),
+        "resumed_shards": resumed,
     }
 
 
@@ -106,12 +109,14 @@ def _mean(xs) -> float:
 
 
 def _shard_rows(cfg: Config, base: SharedBase, const: C.Constitution, shard: list, policy: str | None,
-                critic: str | None, patterns: list[re.Pattern], stats: dict) -> list[dict]:
+                critic: str | None, patterns: list[re.Pattern]) -> list[dict]:
     cr, g, tok = cfg.critique_revise, cfg.generation, base.tokenizer
     prompts = [p for _, p in shard]
     first = generation.generate(base, [data.render(tok, [{"role": "user", "content": p.text}]) for p in prompts],
                                 policy, g, desc="answers")
-    stats["truncated_prompt_tokens"] += first.truncated_prompts
+    truncated = list(first.truncated)  # per row: was any of its prompts cut to generation.max_prompt_tokens
+    removals = [0] * len(shard)
+    empty = [0] * len(shard)
     current = list(first.texts)
     harmful_idx = [i for i, (kind, _) in enumerate(shard) if kind == "harmless"]
     rngs = {i: C.rng_for(cfg.seed, prompts[i].id) for i in harmful_idx}
@@ -127,12 +132,13 @@ def _shard_rows(cfg: Config, base: SharedBase, const: C.Constitution, shard: lis
                     for i, c in zip(harmful_idx, critiques.texts)}
         revisions = generation.generate(base, [data.render(tok, rev_msgs[i]) for i in harmful_idx], critic, g,
                                         desc="revisions")
-        stats["truncated_prompt_tokens"] += critiques.truncated_prompts + revisions.truncated_prompts
+        for k, i in enumerate(harmful_idx):
+            truncated[i] |= critiques.truncated[k] or revisions.truncated[k]
         for i, crit, rev in zip(harmful_idx, critiques.texts, revisions.texts):
             rev, removed = clean_revision(rev, patterns)
-            stats["cleanup_removals"] += removed
+            removals[i] += removed
             if not rev:
-                stats["empty_revisions"] += 1
+                empty[i] += 1
                 rev = current[i]  # an empty revision would teach silence; keep the previous answer
             rounds[i].append({"principle_id": principles[i].id, "critique": crit, "revision": rev})
             last[i] = {"critic_prompt": crit_msgs[i][-1]["content"], "critic_response": crit,
@@ -155,6 +161,9 @@ def _shard_rows(cfg: Config, base: SharedBase, const: C.Constitution, shard: lis
             "rejected": [user, {"role": "assistant", "content": first.texts[i]}],
             "rounds": rounds.get(i, []),
             "init_ended_with_eos": first.ended[i],
+            "cleanup_removals": removals[i],
+            "empty_revisions": empty[i],
+            "prompt_truncated": truncated[i],
         }
         rows.append(row)
     return rows

@@ -44,7 +44,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     labelled = data.read_shards(cfg.path / "label_preferences")
     rows, ps = preference_rows(labelled, dc.min_confidence)
     if not rows:
-        raise ValueError(f"{cfg.path / 'label_preferences'}: no pairs left after dpo.min_confidence={dc.min_confidence}")
+        raise data.DataError(f"{cfg.path / 'label_preferences'}: no pairs left after dpo.min_confidence={dc.min_confidence}")
     eps = sum(1 - max(p, 1 - p) for p in ps) / len(ps) if dc.label_smoothing == "soft" else 0.0
     models.load_adapter(base, "sft", cfg.path / "sft" / "adapter")
     args = DPOConfig(

@@ -39,10 +39,17 @@ def check(cfg: Config) -> list[str]:
     errors = judges.check(cfg)
     if cfg.data.eval_prompts < 1:
         errors.append("data.eval_prompts must be >= 1: evaluate needs held-out red-team prompts")
-    for key in ("helpful_prompts", "hhh_path", "harmful_vs_ethical_path"):
+    errors += data.check_source("data.prompts", cfg.data.prompts, cfg.data.format, cfg.data.column)
+    errors += data.check_source("evaluate.helpful_prompts", cfg.evaluate.helpful_prompts)
+    for key in ("hhh_path", "harmful_vs_ethical_path"):
         value = getattr(cfg.evaluate, key)
         if value and not Path(value).is_file():
             errors.append(f"evaluate.{key}: {value}: file not found")
+        elif value:
+            try:
+                paper_evals.load_items(value)
+            except data.DataError as e:
+                errors.append(f"evaluate.{key}: {e}")
     try:
         if not C.load(cfg.constitution).preference:
             errors.append(f"constitution: {cfg.constitution} has no preference principles, which win rates need")
@@ -51,26 +58,29 @@ def check(cfg: Config) -> list[str]:
     return errors
 
 
-def eval_prompts(cfg: Config) -> tuple[list[data.Prompt], list[data.Prompt], set[str]]:
-    """Held-out red-team prompts and helpful prompts, minus anything any stage trained on."""
+def eval_prompts(cfg: Config) -> tuple[list[data.Prompt], list[data.Prompt], int]:
+    """Held-out red-team prompts and helpful prompts, minus any text a stage trained on (the SL-CAI
+    and helpful prompts, and PPO's own prompt source); also how many candidates that removed."""
     split = data.prompt_split(cfg)
     trained = {p.text for p in split.train}
     cr = cfg.critique_revise
     trained |= {p.text for p in data.read_optional(cr.helpful_prompts, cr.helpful_limit, cfg.data.max_prompt_chars)}
-    helpful = [p for p in data.read_optional(cfg.evaluate.helpful_prompts, 0, cfg.data.max_prompt_chars)
-               if p.text not in trained]
+    if cfg.ppo.prompts:
+        trained |= {p.text for p in data.read_prompts(cfg.ppo.prompts)}
+    candidates = split.held_out + data.read_optional(cfg.evaluate.helpful_prompts, 0, cfg.data.max_prompt_chars)
+    kept = [p for p in candidates if p.text not in trained]
+    red = [p for p in kept if p in split.held_out]
+    helpful = [p for p in kept if p not in split.held_out]
     helpful = helpful[: cfg.evaluate.helpful_limit] if cfg.evaluate.helpful_limit else helpful
-    red = [p for p in split.held_out if p.text not in trained]
-    return red, helpful, trained
+    if {p.text for p in red + helpful} & trained:  # a leak would void every number evaluate reports
+        raise RuntimeError("evaluation prompts overlap training prompts")
+    return red, helpful, len(candidates) - len(kept)
 
 
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     ev, g = cfg.evaluate, cfg.generation
     const = C.load(cfg.constitution)
-    red, helpful, trained = eval_prompts(cfg)
-    overlap = {p.text for p in red + helpful} & trained
-    if overlap:  # cannot happen by construction; a leak would void every number below
-        raise RuntimeError(f"evaluation prompts overlap training prompts: {sorted(overlap)[:3]}")
+    red, helpful, excluded = eval_prompts(cfg)
     present: dict[str, str | None] = {"base": None}
     for stage in CANDIDATES:
         if (cfg.path / stage / "stage.json").is_file():
@@ -90,7 +100,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     finally:
         for j in panel:
             j.close()
-    metrics["prompts"] = {"red_team_held_out": len(red), "helpful": len(helpful), "overlap_with_training": 0}
+    metrics["prompts"] = {"red_team_held_out": len(red), "helpful": len(helpful),
+                          "excluded_as_seen_in_training": excluded}
     metrics["judges"] = [j.name for j in panel]
     metrics = _finite(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -138,8 +149,10 @@ def _judge_everything(cfg: Config, base: SharedBase, const: C.Constitution, pane
                      for i, p in enumerate(prompts)]
             if not comps:
                 continue
-            ps = [p for p in _vote(cfg, [judges.compare(j, comps, True) for j in panel]) if p is not None]
-            win_rates[f"{m}_vs_{o}/{kind}"] = ratings.win_rate(ps, cfg.evaluate.bootstrap, cfg.seed) if ps else None
+            voted = _vote(cfg, [judges.compare(j, comps, True) for j in panel])
+            ps = [p for p in voted if p is not None]
+            w = ratings.win_rate(ps, cfg.evaluate.bootstrap, cfg.seed) if ps else {"win_rate": None}
+            win_rates[f"{m}_vs_{o}/{kind}"] = {**w, "failures": len(voted) - len(ps)}
             outcomes += [ratings.Outcome(m, o, p) for p in ps]
     rates = {m: _rates(cfg, panel, red, helpful, responses[m]) for m in present}
     mean_reward = None
@@ -180,6 +193,7 @@ def _rates(cfg: Config, panel: list, red: list, helpful: list, resp: dict) -> di
         p_yes = [voting.vote(ps, cfg.judge_vote) for ps in zip(*per_judge)]
         out[key] = ratings.rate_with_ci([p > 0.5 for p in p_yes if p is not None])
         out[key]["mean_p_yes"] = voting.mean_or_none(p_yes)
+        out[key]["failures"] = sum(p is None for p in p_yes)
     return out
 
 

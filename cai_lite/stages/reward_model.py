@@ -66,11 +66,12 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     rm = cfg.reward_model
     all_rows = data.read_shards(cfg.path / "label_preferences")
     rows = [r for r in all_rows if r["p_a"] is not None]
-    if len(rows) < 2:
-        raise ValueError(f"{cfg.path / 'label_preferences'}: {len(rows)} usable labels; the reward model needs at least 2")
     random.Random(cfg.seed).shuffle(rows)
     n_eval = max(1, int(round(len(rows) * rm.eval_fraction)))
     held, train = rows[:n_eval], rows[n_eval:]
+    if not train:
+        raise data.DataError(f"{cfg.path / 'label_preferences'}: {len(rows)} usable labels leave none to train on "
+                             f"after holding out reward_model.eval_fraction={rm.eval_fraction}")
     if "reward" in base.adapters:
         models.delete_adapter(base, "reward")
     models.add_adapter(base, "reward")

@@ -51,7 +51,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     rows = data.read_shards(cfg.path / "critique_revise")
     train = sft_rows(rows, s.targets, s.helpful_mix, cfg.seed)
     if not train:
-        raise ValueError(f"{cfg.path / 'critique_revise'}: no rows to train on")
+        raise data.DataError(f"{cfg.path / 'critique_revise'}: no rows to train on")
     if "sft" in base.adapters:
         models.delete_adapter(base, "sft")
     models.add_adapter(base, "sft")
