@@ -287,6 +287,8 @@ def setup_logging(level: str) -> None:
     handler = logging.StreamHandler()
     handler.addFilter(StageLogFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s [%(stage)s] %(message)s", "%H:%M:%S"))
+    # bitsandbytes warns on import that an optional CPU kernel package is missing; NF4 works without it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     root = logging.getLogger("cai_lite")
     root.handlers[:] = [handler]
     root.setLevel(level)
