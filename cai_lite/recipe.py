@@ -111,17 +111,14 @@ def validate(cfg: Config) -> list[str]:
                     "rloo.max_new_tokens", "dpo.batch_size", "dpo.grad_accum", "evaluate.max_new_tokens",
                     "evaluate.bootstrap", "judge.batch_size", "judge.n_ctx", "judge.n_threads", "judge.concurrency",
                     "judge.top_logprobs"]
-    for key in at_least_one:
+    at_least_zero = ["data.limit", "data.eval_prompts", "critique_revise.few_shot", "critique_revise.helpful_limit",
+                     "label_preferences.max_prompts", "label_preferences.few_shot", "evaluate.helpful_limit",
+                     "evaluate.paper_eval_limit", "judge.retries"]
+    for key, minimum in [(k, 1) for k in at_least_one] + [(k, 0) for k in at_least_zero]:
         section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value < 1:
-            e.append(f"{key} must be >= 1 (got {value})")
-    for key in ("data.limit", "data.eval_prompts", "critique_revise.few_shot", "critique_revise.helpful_limit",
-                "label_preferences.max_prompts", "label_preferences.few_shot", "evaluate.helpful_limit",
-                "evaluate.paper_eval_limit", "judge.retries"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 0:
-            e.append(f"{key} must be >= 0 (got {getattr(getattr(cfg, section), name)})")
+        value = getattr(getattr(cfg, section), name)  # every key here is in the schema: no default needed
+        if value < minimum:
+            e.append(f"{key} must be >= {minimum} (got {value})")
     return e
 
 
