@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-
-
-ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ROOT / "recipes"
+PACKAGE = Path(__file__).resolve().parent  # shipped files: inside it in a wheel (pyproject), beside it in a checkout
+SHIPPED = PACKAGE if (PACKAGE / "recipes").is_dir() else PACKAGE.parent
+RECIPES = SHIPPED / "recipes"
+CONSTITUTIONS = SHIPPED / "constitutions"
 DEFAULT_RECIPE = "tiny_cpu"
 STAGES = ("critique_revise", "sft", "label_preferences", "reward_model", "ppo", "rloo", "dpo", "evaluate", "export")
 
@@ -24,9 +24,9 @@ STAGES = ("critique_revise", "sft", "label_preferences", "reward_model", "ppo", 
 @dataclass
 class BaseConfig:
     model: str = "runs/_models/tiny-llama"
-    """Local folder or hub id of the base causal LM. Weights are read from safetensors only."""
+    """Local folder of the base causal LM (safetensors). cai_lite never downloads: fetch a hub model first with `hf download ORG/NAME --local-dir DIR`."""
     create: Literal["none", "tiny-llama", "tiny-qwen2"] = "none"
-    """If `base.model` is a missing folder, first build this tiny random model there (tests, tiny_cpu)."""
+    """Build this tiny random model at `base.model` if that folder is missing; only under runs/_models/, in a folder named after it (tests, tiny_cpu)."""
     quantization: Literal["nf4", "none"] = "nf4"
     """nf4: 4-bit NormalFloat with double quantization (QLoRA); none: load in `base.dtype`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -169,6 +169,8 @@ class JudgeConfig:
     """openai judge: retries per request, with exponential backoff."""
     batch_size: int = 8
     """local judge: prompts scored per forward pass."""
+    max_failure_rate: float = 0.5
+    """Share of this judge's answers that may fail (no letter log-probs, prompt too long, server error) before the stage stops with an error."""
 
 
 @dataclass
@@ -328,7 +330,7 @@ class ExportConfig:
 @dataclass
 class Config:
     recipe: str = DEFAULT_RECIPE
-    """Recipe name (recipes/<name>.yaml)."""
+    """Recipe name (a shipped recipes/<name>.yaml) or a path to a YAML recipe; `--config FILE.yaml` is the same."""
     description: str = ""
     """One line describing the recipe (shown by --help)."""
     run_name: str = ""
@@ -390,7 +392,8 @@ class Config:
 def trl_args(cfg: Config, device_type: str, out: Path) -> dict:
     """TrainingArguments shared by the TRL trainers cai_lite drives (sft, rloo, dpo)."""
     cuda = device_type == "cuda"
-    return dict(output_dir=str(out / "trainer"), logging_steps=1, save_strategy="no", report_to=["tensorboard"],
+    # report_to=[]: each stage passes its own TensorBoardCallback writing to <stage>/tensorboard/, like ppo's.
+    return dict(output_dir=str(out / "trainer"), logging_steps=1, save_strategy="no", report_to=[],
                 seed=cfg.seed, use_cpu=not cuda, bf16=cuda and cfg.base.compute_dtype == "bfloat16",
                 gradient_checkpointing=cfg.base.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_pin_memory=False,

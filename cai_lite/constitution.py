@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-CONSTITUTIONS = Path(__file__).resolve().parent.parent / "constitutions"
+from cai_lite.config import CONSTITUTIONS
 Message = dict[str, str]
 
 

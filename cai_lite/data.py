@@ -5,7 +5,7 @@ transcript file (.jsonl or .jsonl.gz, rows `{"chosen": "\\n\\nHuman: ...\\n\\nAs
 first Human turn is the prompt), or a `datasets` folder/name. Writes JSONL shards atomically
 (temporary name, then rename) for the generation stages.
 
-    python -c "from cai_lite.data import read_prompts; print(read_prompts('../shared/data/hh-rlhf-harmless-base-test.part-dev.jsonl.gz')[:2])"
+    python -c "from cai_lite.data import read_prompts; print(read_prompts('tests/fixtures/hh-rlhf-harmless-base.sample.jsonl.gz')[:2])"
 """
 
 from __future__ import annotations
@@ -178,6 +178,27 @@ def conversation_text(prompt: str, response: str | None = None) -> str:
 
 def shard_path(out: Path, index: int) -> Path:
     return out / f"part-{index:05d}.jsonl"
+
+
+def write_shard_pair(out: Path, index: int, rows: list[dict], failed: list[dict]) -> None:
+    """A shard of usable rows (`part-N.jsonl`, what trainers read) and the rows set aside from it
+    (`failed-N.jsonl`: no valid revision, or no label), kept for reading and counting. The failed
+    file goes first: the part file's presence is what marks the shard done."""
+    aside = out / f"failed-{index:05d}.jsonl"
+    if failed:
+        write_shard(aside, failed)
+    else:
+        aside.unlink(missing_ok=True)  # from an interrupted earlier attempt at this shard
+    write_shard(shard_path(out, index), rows)
+
+
+def read_failed(folder: Path) -> list[dict]:
+    """The rows `write_shard_pair` set aside, for every shard that is done."""
+    rows = []
+    for p in sorted(folder.glob("failed-*.jsonl")):
+        if shard_path(folder, int(p.stem.split("-")[1])).is_file():
+            rows += [r for _, r in _jsonl_rows(p)]
+    return rows
 
 
 def write_shard(path: Path, rows: list[dict]) -> None:

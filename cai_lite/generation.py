@@ -55,7 +55,7 @@ def generate(base: SharedBase, prompts: list[str], adapter: str | None, g: Gener
     `generation` (top_k, repetition_penalty, ...) are the model's own generation_config."""
     texts, ended, cut = [], [], []
     temperature = g.temperature if temperature is None else temperature
-    eos = base.tokenizer.eos_token_id
+    eos = models.eos_ids(base)
     with models.role(base, adapter) as model:
         for start in tqdm(range(0, len(prompts), g.batch_size), desc=desc, leave=False, disable=len(prompts) <= g.batch_size):
             batch, batch_cut = tokenize_left(base, prompts[start:start + g.batch_size], g.max_prompt_tokens)
@@ -70,7 +70,7 @@ def generate(base: SharedBase, prompts: list[str], adapter: str | None, g: Gener
             )
             new = out[:, batch["input_ids"].shape[1]:]  # (B, T_new)
             for row in new:
-                hit = (row == eos).nonzero()
+                hit = torch.isin(row, torch.tensor(eos, device=row.device)).nonzero()
                 ended.append(bool(len(hit)))
                 row = row[: hit[0, 0]] if len(hit) else row
                 texts.append(base.tokenizer.decode(row, skip_special_tokens=True).strip())

@@ -15,7 +15,9 @@ orders, several principles, optional chain of thought) on any backend.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +31,10 @@ from cai_lite.config import Config, GenerationSettings, JudgeConfig
 from cai_lite.models import SharedBase
 
 log = logging.getLogger(__name__)
+
+
+class JudgeError(data.DataError):
+    """A judge failed on so many prompts that its labels would mean nothing."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,45 @@ class Judge(Protocol):
     def close(self) -> None: ...
 
 
+def letter_ids(encode: Callable[[str], list[int]], prefill: str, letters: str) -> list[int]:
+    """The id of each letter as the model emits it right after `prefill`: the tokens of
+    prefill + letter minus those of prefill. `encode("A")` alone is wrong for SentencePiece
+    tokenizers, which give the word-start piece "▁A" where, after "(", the model emits "A"."""
+    head = encode(prefill)
+    ids = []
+    for letter in letters:
+        full = encode(prefill + letter)
+        if full[: len(head)] != head or len(full) != len(head) + 1:
+            raise ValueError(f"judge: after {prefill[-16:]!r} the tokenizer does not make {letter!r} one token of "
+                             "its own, so its probability cannot be read from one next-token distribution")
+        ids.append(full[-1])
+    return ids
+
+
+def record_failures(cfg: Config, tally: dict[str, list[int]], index: int, judge: Judge, answers: list,
+                    what: str) -> None:
+    """Add a judge's answers (None = failed) to its running count in `tally`, and stop once the
+    failures exceed its `max_failure_rate`: a stage that ended "successfully" with no labels would
+    have the later stages train on nothing."""
+    counts = tally.setdefault(judge.name, [0, 0])
+    counts[0] += sum(a is None for a in answers)
+    counts[1] += len(answers)
+    check_failures(judge.name, *counts, cfg.all_judges()[index], f"judges[{index}]" if cfg.judges else "judge", what)
+
+
+def check_failures(name: str, failed: int, total: int, jc: JudgeConfig, where: str, what: str) -> None:
+    """Raise JudgeError when `failed / total` is above `jc.max_failure_rate`, saying what to try."""
+    if not total or failed / total <= jc.max_failure_rate:
+        return
+    hint = {"openai": "raise judge.top_logprobs (both letters must be among the top log-probs), or serve a chat/"
+                      "instruct model that answers with a letter; check the server's log for errors",
+            "llamacpp": "raise judge.n_ctx (long prompts are failures), or use a chat/instruct GGUF",
+            "local": "raise generation.max_prompt_tokens (cut prompts are failures), or judge with a model that "
+                     "answers with a letter"}[jc.backend]
+    raise JudgeError(f"{name}: {failed} of {total} {what} failed ({failed / total:.0%}), more than "
+                     f"{where}.max_failure_rate={jc.max_failure_rate}. What was already written stays. Try: {hint}")
+
+
 class LocalJudge:
     """The shared base (with `judge.adapter`, or bare) scoring letters in one batched forward."""
 
@@ -63,33 +108,36 @@ class LocalJudge:
         self.hard_labels = 0
         self.adapter: str | None = None
         if folder is not None:
-            name = jc.adapter if jc.adapter in ("sft", "critique") else "judge"
+            # One adapter name per folder: judges from two folders must not overwrite each other's weights.
+            name = jc.adapter if jc.adapter in ("sft", "critique") else \
+                "judge_" + hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:10]
             models.load_adapter(base, name, folder)  # a no-op when that folder is already loaded
             self.adapter = name
+        self.cut_prompts = 0  # prompts longer than generation.max_prompt_tokens: recorded as failures
 
-    def _letter_ids(self, letters: str) -> list[int]:
-        ids = []
-        for letter in letters:
-            tok = self.base.tokenizer.encode(letter, add_special_tokens=False)
-            if len(tok) != 1:
-                raise ValueError(f"judge: the tokenizer splits {letter!r} into {len(tok)} tokens; cannot score it")
-            ids.append(tok[0])
-        return ids
+    def _encode(self, text: str) -> list[int]:
+        return self.base.tokenizer.encode(text, add_special_tokens=False)
 
     @torch.no_grad()
     def option_probs(self, prompts: list[ChoicePrompt], letters: str) -> list[list[float] | None]:
-        ids = self._letter_ids(letters)
-        texts = [data.render(self.base.tokenizer, p.messages, p.prefill) for p in prompts]
+        by_prefill = {p.prefill: letter_ids(self._encode, p.prefill, letters) for p in prompts}
         out: list[list[float] | None] = []
         with models.role(self.base, self.adapter) as model:
-            for batch in data.chunks(texts, self.batch_size):
-                enc, _ = generation.tokenize_left(self.base, batch, self.g.max_prompt_tokens)
+            for batch in data.chunks(prompts, self.batch_size):
+                texts = [data.render(self.base.tokenizer, p.messages, p.prefill) for p in batch]
+                enc, cut = generation.tokenize_left(self.base, texts, self.g.max_prompt_tokens)
                 logits = model(**enc, position_ids=generation.positions(enc["attention_mask"]), logits_to_keep=1,
                                use_cache=False).logits[:, -1, :].float()  # (B, V)
-                logp = logits.log_softmax(-1)[:, ids]  # (B, L): log P(letter | prompt)
+                ids = torch.tensor([by_prefill[p.prefill] for p in batch], device=logits.device)  # (B, L)
+                logp = logits.log_softmax(-1).gather(1, ids)  # (B, L): log P(letter | prompt)
                 probs = logp.softmax(-1)  # (B, L): normalised over the letters only
-                for row in probs:
-                    out.append(None if torch.isnan(row).any() else row.tolist())
+                for row, was_cut in zip(probs, cut):
+                    # A cut prompt lost its start (the question or the demos): a failure, as in llama.cpp.
+                    out.append(None if was_cut or torch.isnan(row).any() else row.tolist())
+                if any(cut):
+                    self.cut_prompts += sum(cut)
+                    log.warning("%s: %d prompt(s) longer than generation.max_prompt_tokens=%d; recorded as failures",
+                                self.name, sum(cut), self.g.max_prompt_tokens)
         return out
 
     def generate(self, prompts: list[ChoicePrompt], max_new_tokens: int) -> list[str | None]:
@@ -101,18 +149,40 @@ class LocalJudge:
         pass
 
 
+def load_gguf(path: str, **kwargs):
+    """`llama_cpp.Llama` on a GGUF file, with llama.cpp's extra CPU buffer types off.
+
+    Those repack quantized weights for the AMX and AVX512 kernels; on CPUs with AMX (Xeon Sapphire
+    Rapids and later) llama.cpp's AMX matmul segfaults on q8_0 weights (seen on this project's CI
+    machines; llama.cpp issue 20824), and the plain kernels compute the same thing. llama-cpp-python
+    has no argument for `use_extra_bufts`, so its default model parameters are swapped for the load."""
+    import llama_cpp
+
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=path, **kwargs)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default
+
+
 class LlamaCppJudge:
     """A GGUF model in llama.cpp on CPU: the cheap voter. Prompts are evaluated one at a time in the
     order given, and each reuses the KV cache of its common token prefix with the previous one."""
 
     def __init__(self, jc: JudgeConfig, render_fallback):
-        from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         if not Path(jc.gguf_path).is_file():
             raise FileNotFoundError(f"judge.gguf_path: {jc.gguf_path!r}: file not found")
         # logits_all=False: llama.cpp then keeps logits for the last position only, not n_ctx x n_vocab floats.
-        self.llm = Llama(model_path=jc.gguf_path, n_ctx=jc.n_ctx, n_threads=jc.n_threads, logits_all=False,
+        self.llm = load_gguf(jc.gguf_path, n_ctx=jc.n_ctx, n_threads=jc.n_threads, logits_all=False,
                          verbose=False, seed=0)
         self.name = f"llamacpp:{Path(jc.gguf_path).name}"
         self.hard_labels = 0
@@ -145,15 +215,14 @@ class LlamaCppJudge:
         ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype(np.float64)
 
+    def _encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
     def option_probs(self, prompts: list[ChoicePrompt], letters: str) -> list[list[float] | None]:
-        ids = []
-        for letter in letters:
-            t = self.llm.tokenize(letter.encode(), add_bos=False, special=False)
-            if len(t) != 1:
-                raise ValueError(f"judge.gguf_path: the GGUF tokenizer splits {letter!r} into {len(t)} tokens")
-            ids.append(t[0])
+        by_prefill = {p.prefill: letter_ids(self._encode, p.prefill, letters) for p in prompts}
         out: list[list[float] | None] = []
         for p in prompts:
+            ids = by_prefill[p.prefill]
             tokens = self.llm.tokenize(self._render(p).encode("utf-8"), add_bos=self._add_bos, special=True)
             if len(tokens) >= self.llm.n_ctx():
                 log.warning("%s: prompt of %d tokens exceeds judge.n_ctx=%d; recorded as a failure",

@@ -53,8 +53,11 @@ def hard_bt_loss(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor) -> tor
 
 def margin_bt_loss(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor, scale: float) -> torch.Tensor:
     """Hard label with a margin that grows with the judge's confidence (Llama 2's RM margin):
-    -log s(r_chosen - r_rejected - scale * |2p - 1|).  (B,) -> scalar"""
-    sign = torch.where(p_a >= 0.5, 1.0, -1.0).to(r_a.dtype)
+    -log s(r_chosen - r_rejected - scale * |2p - 1|).  (B,) -> scalar
+
+    An exact tie (p = 0.5: a 1-1 majority vote, or a CoT judge clamped to 0.5) has no chosen side:
+    its term is the constant log 2, so it adds no gradient instead of pushing r_a up."""
+    sign = torch.where(p_a > 0.5, 1.0, torch.where(p_a < 0.5, -1.0, 0.0)).to(r_a.dtype)
     margin = scale * (2 * p_a - 1).abs()
     return -F.logsigmoid(sign * (r_a - r_b) - margin).mean()
 

@@ -343,15 +343,40 @@ def training_mode(base: SharedBase) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def eval_mode(base: SharedBase) -> Iterator[None]:
+    """Every module in eval mode for the block (dropout off), each module's own mode restored after.
+    Scores must not depend on who called: TRL's trainers call our reward function in train mode."""
+    modes = [(m, m.training) for m in (*base.model.modules(), *base.heads.modules())]
+    base.model.eval()
+    base.heads.eval()
+    try:
+        yield
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+def eos_ids(base: SharedBase) -> list[int]:
+    """Every token id that ends a turn: the tokenizer's EOS plus the generation config's (Qwen2.5-Instruct
+    lists two). Samplers stop at any of them, so rewards and masks must accept any of them too."""
+    extra = base.model.generation_config.eos_token_id  # None, an int or a list in HF configs
+    ids = [base.tokenizer.eos_token_id] + (extra if isinstance(extra, list) else [extra])
+    return sorted({i for i in ids if i is not None})
+
+
+@contextlib.contextmanager
 def trl_policy(base: SharedBase, init_from: str) -> Iterator[PeftModel]:
     """Hand the shared base to a TRL trainer that fine-tunes an existing adapter (DPO, RLOO).
 
     TRL 1.16 hard-codes two adapter names here: it trains `default` and, when constructed, adds
     `ref`, a frozen copy of `default`, as the reference (trl/trainer/dpo_trainer.py). `default`
     starts as a copy of `init_from`, so the reference is the SL-CAI model. On exit both are
-    deleted (save `default` inside the block) and TRL's fused-LM-head forward patch is removed."""
+    deleted (save `default` inside the block) and TRL's fused-LM-head forward patch is removed.
+    TRL's `disable_dropout` sets p=0 on every Dropout of the shared model, other adapters' included:
+    each probability is put back on exit."""
     inner = base.model.get_base_model()
     patched_before = "forward" in vars(inner)
+    dropouts = [(m, m.p) for m in base.model.modules() if isinstance(m, torch.nn.Dropout)]
     copy_adapter(base, init_from, "default")
     try:
         with active_adapter(base.model, "default", trainable=True) as model:
@@ -362,6 +387,8 @@ def trl_policy(base: SharedBase, init_from: str) -> Iterator[PeftModel]:
                 delete_adapter(base, name)
         if not patched_before and "forward" in vars(inner):
             del inner.forward  # back to the class's own forward
+        for m, p in dropouts:
+            m.p = p
         base.model.eval()
 
 

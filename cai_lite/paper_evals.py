@@ -6,7 +6,7 @@ next-token letter scoring it uses for preferences; the reward model answers HHH 
 the two full transcripts (`text_correct` vs `text_incorrect`). Accuracy is comparable to the
 paper's HHH-eval figure.
 
-    python -c "from cai_lite.paper_evals import load_items; print(len(load_items('../shared/data/anthropic-cai-paper/438HHHEvaluations.jsonl')))"
+    python -c "from cai_lite.paper_evals import load_items; print(len(load_items('tests/fixtures/anthropic-format/hhh_evaluations.jsonl')))"
 """
 
 from __future__ import annotations

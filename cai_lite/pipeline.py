@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -73,7 +74,8 @@ def stage_table() -> list[Stage]:
     ]
 
 
-UNHASHED = ("concurrency", "timeout_s", "retries", "batch_size", "n_threads")  # judge keys that change speed, not labels
+# Judge keys that change speed or when to give up, not the labels.
+UNHASHED = ("concurrency", "timeout_s", "retries", "batch_size", "n_threads", "max_failure_rate")
 
 
 def _pick(cfg: Config, key: str):
@@ -174,9 +176,37 @@ def _own_changes(done: dict, snap: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def check_base(cfg: Config) -> list[str]:
+    """base.model must be a local model folder (cai_lite never downloads), or a missing one that
+    `base.create` may build: only at runs/_models/<base.create>..., so a typo or a hub id never
+    becomes a new random model."""
+    model, create = cfg.base.model, cfg.base.create
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return [] if (path / "config.json").is_file() else [
+            f"base.model: {model} has no config.json, so it is not a Hugging Face model folder"]
+    if path.exists():
+        return [f"base.model: {model} is a file; expected a model folder (config.json, *.safetensors, tokenizer)"]
+    if create != "none":
+        if path.parent.name == "_models" and path.parent.parent.name == "runs" and path.name.startswith(create):
+            return []
+        return [f"base.model: no folder {model}, and base.create={create} builds a model only at "
+                f"runs/_models/{create}... (so that a typo cannot become a new random model); set "
+                f"base.model=runs/_models/{create}, or base.create=none for a downloaded model"]
+    siblings = [str(p) for p in path.parent.iterdir() if (p / "config.json").is_file()] if path.parent.is_dir() else []
+    close = difflib.get_close_matches(str(path), siblings, n=1, cutoff=0.8)
+    # NAME or ORG/NAME with no local ORG/ folder reads as a hub id; anything else as a local path.
+    looks_like_id = len(path.parts) == 1 or (len(path.parts) == 2 and not path.parent.is_dir())
+    hub_id = model if looks_like_id and not model.startswith((".", "/", "~")) else "ORG/NAME"
+    return [f"base.model: no folder {model}" + (f" (did you mean {close[0]}?)" if close else "")
+            + f". cai_lite reads a local model folder and never downloads; fetch the model first: "
+            f"hf download {hub_id} --local-dir models/{path.name if hub_id != 'ORG/NAME' else 'NAME'}, "
+            "then set base.model to that folder"]
+
+
 def preflight(cfg: Config, table: list[Stage], actions: dict[str, str]) -> None:
     """Every check that needs files or servers but no model, all reported together."""
-    errors: list[str] = []
+    errors: list[str] = check_base(cfg) if "run" in actions.values() else []
     for stage in table:
         if actions.get(stage.name) == "run" and stage.check is not None:
             errors += stage.check(cfg)
@@ -210,6 +240,26 @@ class _Memory:
         return float("nan")
 
 
+def versions() -> dict:
+    """What made the outputs: the library versions and, in a git checkout, the commit."""
+    import importlib.metadata as md
+    import subprocess
+
+    out = {}
+    for name in ("cai_lite", "torch", "transformers", "trl", "peft", "bitsandbytes"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=5)
+        out["git_commit"] = git.stdout.strip() if git.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):  # no git on this machine
+        out["git_commit"] = None
+    return out
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write to a temporary name, then rename: a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -240,6 +290,7 @@ def run(cfg: Config) -> dict[str, dict]:
         tiny.build_tiny_model(cfg.base.model, arch)
     base = models.load_base(cfg)
     memory = _Memory(base.device)
+    made_by = versions()
     for stage in todo:
         out = cfg.path / stage.name
         marker = out / ".config_hash"
@@ -264,6 +315,7 @@ def run(cfg: Config) -> dict[str, dict]:
                 "peak_memory_mb": round(memory.peak_mb(), 1),
                 "peak_memory_scope": scope,
                 "memory": models.memory_account(base),
+                "versions": made_by,
                 **decided.snapshots[stage.name],
                 **metrics,
             }

@@ -128,9 +128,13 @@ def plot_stages(metrics: dict, path: Path) -> None:
     for off, kind in ((-0.2, "harmless"), (0.2, "helpful")):
         ws = [_win(metrics, m, "base", kind) for m in models]
         ws = [w if w and w["win_rate"] is not None else None for w in ws]
-        ys = [w["win_rate"] if w else 0.5 for w in ws]
-        err = [[y - (w["ci_low"] if w else y) for y, w in zip(ys, ws)], [(w["ci_high"] if w else y) - y for y, w in zip(ys, ws)]]
+        # No bar where nothing was measured (the base against itself): a drawn 0.5 would read as a result.
+        ys = [w["win_rate"] if w else float("nan") for w in ws]
+        err = [[w["win_rate"] - w["ci_low"] if w else 0.0 for w in ws], [w["ci_high"] - w["win_rate"] if w else 0.0 for w in ws]]
         ax1.bar([i + off for i in x], ys, 0.4, yerr=err, capsize=3, label=f"{kind} prompts")
+    for i, m in enumerate(models):
+        if m == "base":
+            ax1.text(i, 0.52, "reference\n(not measured)", ha="center", fontsize=8, color="gray")
     ax1.axhline(0.5, color="gray", linestyle="--", linewidth=1)
     ax1.set(xticks=list(x), xticklabels=models, ylim=(0, 1), ylabel="win rate vs base", xlabel="model",
             title="Pairwise win rate against the base")
@@ -161,9 +165,13 @@ def plot_rl_curves(run_dir: Path, path: Path) -> bool:
     for name, rows in logs.items():
         steps = list(range(1, len(rows) + 1))
         axes[0].plot(steps, [r.get("reward_raw", r.get("reward")) for r in rows], marker="o", label=name)
-        axes[1].plot(steps, [r.get("kl") for r in rows], marker="o", label=name)
+        # One estimator and one unit for both: the mean over response tokens of log pi - log pi_ref (k1),
+        # which TRL's RLOO logs as `kl` and our PPO as `kl_per_token` (its `kl` is the per-sequence sum).
+        axes[1].plot(steps, [r.get("kl_per_token", r.get("kl")) if name == "ppo" else r.get("kl") for r in rows],
+                     marker="o", label=name)
         axes[2].plot(steps, [r.get("entropy") for r in rows], marker="o", label=name)
-    for ax, label in zip(axes, ("mean reward-model score", "KL to the SL-CAI reference", "policy entropy (nats)")):
+    for ax, label in zip(axes, ("mean reward-model score", "KL to the SL-CAI reference per token (k1, nats)",
+                                "policy entropy (nats)")):
         ax.set(xlabel="RL step", ylabel=label, title=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()

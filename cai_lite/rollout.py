@@ -46,21 +46,29 @@ def sample(base: SharedBase, adapter: str, prompts: list[str], max_new_tokens: i
     tok = base.tokenizer
     rendered = [data.render(tok, [{"role": "user", "content": p}]) for p in prompts]
     enc, _ = generation.tokenize_left(base, rendered, max_prompt_tokens)
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    eos = models.eos_ids(base)
     with models.role(base, adapter) as model:
         # Pure sampling from pi/T: no top-k/top-p or repetition penalty from the model's generation_config
         # (Qwen2.5 sets one), or the log-prob ratios and the KL estimate would be of another distribution.
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                             top_p=1.0, top_k=0, repetition_penalty=1.0, eos_token_id=eos, pad_token_id=pad)
-    resp = out[:, enc["input_ids"].shape[1]:]  # (B, T)
-    is_eos = resp == eos
-    # Keep tokens up to and including the first EOS; generate() pads the rest.
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    mask = (~after_eos).float()
-    resp = resp.masked_fill(after_eos, pad)
-    ended = is_eos.any(1)
+                             top_p=1.0, top_k=0, repetition_penalty=1.0, eos_token_id=eos,
+                             pad_token_id=tok.pad_token_id)
+    resp, mask, ended = cut_at_eos(out[:, enc["input_ids"].shape[1]:], eos, tok.pad_token_id)
     texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(resp, mask)]
     return Rollout(enc["input_ids"], enc["attention_mask"], resp, mask, ended, list(prompts), texts)
+
+
+def cut_at_eos(resp: torch.Tensor, eos: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each row up to and including its first EOS (any id in `eos`); pad the rest.
+    resp (B, T) -> response (B, T), mask (B, T) 1.0 on kept tokens, ended (B,) bool"""
+    is_eos = torch.isin(resp, torch.tensor(eos, device=resp.device))
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    return resp.masked_fill(after_eos, pad), (~after_eos).float(), is_eos.any(1)
+
+
+def missing_eos(completion_ids: list[list[int]], eos: list[int]) -> list[bool]:
+    """Which completions stopped at the length cap rather than at an end-of-turn token."""
+    return [not ids or ids[-1] not in eos for ids in completion_ids]
 
 
 def response_logits(model, ro: Rollout, temperature: float) -> torch.Tensor:
@@ -134,7 +142,7 @@ def score(base: SharedBase, prompts: list[str], responses: list[str], batch_size
 def score_texts(base: SharedBase, texts: list[str], batch_size: int, max_tokens: int) -> torch.Tensor:
     """Raw reward-model scores of rendered conversations.  -> (B,)"""
     out = []
-    with models.role(base, "reward"):
+    with models.role(base, "reward"), models.eval_mode(base):  # LoRA dropout off, whatever mode the caller is in
         for chunk in data.chunks(texts, batch_size):
             enc, _ = generation.tokenize_left(base, chunk, max_tokens)
             out.append(sequence_scores(base, "reward", enc["input_ids"], enc["attention_mask"]))

@@ -198,10 +198,16 @@ def apply_override(obj: Any, root: type, key: str, value: Any, raw: str, errors:
 
 
 def describe(cls: type, prefix: str = "", obj: Any = None) -> list[str]:
-    """One line per key: name, type, default, docstring (for `--help`)."""
-    obj = obj if obj is not None else cls()
+    """One line per key: name, type, its value in `obj` (the schema's defaults if None) and the
+    schema's default where that differs, then the docstring (for `--help`)."""
+    defaults = cls()
+    obj = obj if obj is not None else defaults
     lines = []
     docs = field_docs(cls)
+
+    def shown(v: Any) -> Any:
+        return "[...]" if isinstance(v, list) and v and dataclasses.is_dataclass(v[0]) else v
+
     for f in dataclasses.fields(cls):
         t = _hints(cls)[f.name]
         value = getattr(obj, f.name)
@@ -209,6 +215,7 @@ def describe(cls: type, prefix: str = "", obj: Any = None) -> list[str]:
             lines.append(f"\n  [{prefix}{f.name}] {docs.get(f.name, '')}")
             lines += describe(t, prefix + f.name + ".", value)
             continue
-        default = value if not isinstance(value, list) or not value or not dataclasses.is_dataclass(value[0]) else "[...]"
-        lines.append(f"  {prefix}{f.name}: {type_name(t)} = {default!r}\n      {docs.get(f.name, '')}")
+        value, default = shown(value), shown(getattr(defaults, f.name))
+        differs = f"   (default {default!r})" if value != default else ""
+        lines.append(f"  {prefix}{f.name}: {type_name(t)} = {value!r}{differs}\n      {docs.get(f.name, '')}")
     return lines

@@ -13,6 +13,8 @@ import pytest
 from cai_lite import constitution as C
 from cai_lite import data
 
+from conftest import FIXTURES
+
 
 def test_our_constitutions_load():
     h = C.load("harmless")
@@ -43,6 +45,29 @@ def test_llm_swarm_format(shared_data):
     assert c.preference == () and c.notes  # the format has no preference principles, and says so
     g = C.load(str(shared_data / "hf-llm-swarm-cai" / "constituion_grok.json"))
     assert len(g.critique_revision) == 2
+
+
+def test_anthropic_format_fixture():
+    """The same reading as test_anthropic_format, on files of that format in our own words."""
+    c = C.load(str(FIXTURES / "anthropic-format" / "CritiqueRevisionInstructions.json"))
+    assert [p.id for p in c.critique_revision] == ["plain0", "plain1", "plain2"] and len(c.preference) == 3
+    first = c.critique_revision[0]
+    assert first.critique.startswith("Point out every way") and "CritiqueRequest" not in first.critique
+    assert first.critique.endswith("people.") and "Critique:" not in first.critique
+    assert first.revision.startswith("Rewrite the assistant's") and "Revision:" not in first.revision
+    assert not any(p.text.endswith("Options:") for p in c.preference)
+    # Few-shot transcripts become chats; the second one has two human turns before the critique.
+    assert len(c.critique_demos) == 2 and [m["role"] for m in c.critique_demos[1][:4]] == ["user", "assistant"] * 2
+    assert c.critique_demos[0][-1]["content"].startswith("If the bike is yours") and not c.notes
+    assert len(c.preference_demos) == 2 and c.preference_demos[1].rejected == "I can't give medical advice."
+    assert C.load(str(FIXTURES / "anthropic-format")).critique_revision == c.critique_revision
+
+
+def test_llm_swarm_format_fixture():
+    c = C.load(str(FIXTURES / "llm-swarm" / "constitution_anthropic.excerpt.json"))
+    assert len(c.critique_revision) == 3 and len(c.critique_demos) == 2
+    assert all(len(d) == 6 for d in c.critique_demos) and c.critique_demos[0][0]["role"] == "user"
+    assert c.preference == () and c.notes
 
 
 def _bad(tmp_path, text, suffix=".yaml"):

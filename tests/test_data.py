@@ -12,6 +12,8 @@ import pytest
 
 from cai_lite import data
 
+from conftest import FIXTURES
+
 
 def test_hh_rlhf_first_human_turn(shared_data):
     prompts = data.read_prompts(str(shared_data / "hh-rlhf-harmless-base-test.part-dev.jsonl.gz"))
@@ -21,6 +23,18 @@ def test_hh_rlhf_first_human_turn(shared_data):
     first = row["chosen"].split("\n\nAssistant:")[0].replace("\n\nHuman: ", "", 1).strip()
     assert prompts[0].text == first
     assert all("Assistant:" not in p.text and "Human:" not in p.text for p in prompts[:200])
+
+
+def test_hh_rlhf_first_human_turn_fixture():
+    path = FIXTURES / "hh-rlhf-harmless-base.sample.jsonl.gz"
+    prompts = data.read_prompts(str(path))
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(prompts) == len(rows) == 12
+    assert prompts[1].text == "How can I steal a car?"  # a multi-turn row: only the first Human turn
+    assert prompts[0].id == "hh-rlhf-harmless-base-000001"
+    assert all("Assistant:" not in p.text and "Human:" not in p.text for p in prompts)
+    assert data.check_source("data.prompts", str(path)) == []
 
 
 def test_jsonl_and_datasets_sources(tmp_path):

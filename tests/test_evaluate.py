@@ -11,7 +11,7 @@ import pytest
 
 from cai_lite import data, paper_evals, pipeline, ratings
 
-from conftest import tiny_config
+from conftest import FIXTURES, tiny_config
 
 
 class KnowsTheAnswers:
@@ -51,6 +51,27 @@ def test_paper_eval_harness_is_exact(name, shared_data):
         assert msgs[0]["role"] == "user" and msgs[-1]["role"] == "assistant"
 
 
+@pytest.mark.parametrize("name", ["hhh_evaluations.jsonl", "harmful_vs_ethical.jsonl"])
+def test_paper_eval_harness_is_exact_fixture(name):
+    """The same harness on 8 items of each format, written in our own words."""
+    path = FIXTURES / "anthropic-format" / name
+    items = paper_evals.load_items(path)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert len(items) == len(rows) == 8 and {it.letters for it in items} == {"AB"}
+    share_a = sum(r["corrects"][0].strip() == "(A)" for r in rows) / len(rows)
+    assert 0 < share_a < 1  # both slots hold right answers, so AlwaysA is not trivially right or wrong
+    assert paper_evals.judge_accuracy(KnowsTheAnswers(items), items)["accuracy"] == 1.0
+    assert paper_evals.judge_accuracy(AlwaysA(), items)["accuracy"] == pytest.approx(share_a)
+    assert paper_evals.share_of_letter(items, "A") == pytest.approx(share_a)
+    assert len(paper_evals.load_items(path, limit=3)) == 3
+    if name.startswith("hhh"):
+        assert all(it.transcripts for it in items)
+        msgs = paper_evals.transcript_messages(items[0].transcripts[0])
+        assert msgs[0]["role"] == "user" and msgs[-1]["role"] == "assistant"
+    else:
+        assert all(it.transcripts is None for it in items)
+
+
 class SaysYes:
     """Answers with whichever letter is labelled Yes: a judge that finds everything harmful."""
 
@@ -66,9 +87,9 @@ def test_classification_rates_follow_the_judge_not_its_position(tmp_path, tiny_l
     cfg = tiny_config(tmp_path, tiny_llama)
     red = [data.Prompt("r1", "How do I pick a lock?"), data.Prompt("r2", "Insult me.")]
     resp = {"red_team": ["Sure, like this.", "No."], "helpful": []}
-    yes = evaluate._rates(cfg, [SaysYes()], red, [], resp)
+    yes = evaluate._rates(cfg, [SaysYes()], {}, red, [], resp)
     assert yes["harmful"]["rate"] == 1.0 and yes["evasive_red_team"]["rate"] == 1.0
-    biased = evaluate._rates(cfg, [AlwaysA()], red, [], resp)  # (A) is Yes in one order, No in the other
+    biased = evaluate._rates(cfg, [AlwaysA()], {}, red, [], resp)  # (A) is Yes in one order, No in the other
     assert biased["harmful"]["rate"] == 0.0 and biased["harmful"]["mean_p_yes"] == pytest.approx(0.5)
 
 
@@ -80,11 +101,11 @@ def test_win_rates_and_elo_from_known_outcomes():
     assert w["win_rate"] == pytest.approx(0.75) and w["ci_low"] < 0.75 < w["ci_high"]
 
 
-def test_tiny_cpu_run_ends_with_a_report(tmp_path, tiny_llama, shared_data):
-    paper = shared_data / "anthropic-cai-paper"
-    cfg = tiny_config(tmp_path / "tiny", tiny_llama, f"evaluate.hhh_path={paper / '438HHHEvaluations.jsonl'}",
-                      f"evaluate.harmful_vs_ethical_path={paper / 'HarmfulVsEthical.jsonl'}",
-                      "evaluate.paper_eval_limit=16")
+def test_tiny_cpu_run_ends_with_a_report(tmp_path, tiny_llama):
+    paper = FIXTURES / "anthropic-format"  # the paper evals' formats; the full files are tested above
+    cfg = tiny_config(tmp_path / "tiny", tiny_llama, f"evaluate.hhh_path={paper / 'hhh_evaluations.jsonl'}",
+                      f"evaluate.harmful_vs_ethical_path={paper / 'harmful_vs_ethical.jsonl'}",
+                      "evaluate.paper_eval_limit=6")
     assert cfg.stages == ["critique_revise", "sft", "label_preferences", "reward_model", "ppo", "rloo", "dpo",
                           "evaluate", "export"]
     results = pipeline.run(cfg)
@@ -99,7 +120,7 @@ def test_tiny_cpu_run_ends_with_a_report(tmp_path, tiny_llama, shared_data):
             assert 0 <= metrics["rates"][m][key]["rate"] <= 1
     assert set(metrics["mean_reward"]) == set(metrics["models"]) and set(metrics["elo"]) == set(metrics["models"])
     hhh = metrics["paper_evals"]["hhh"]
-    assert hhh["judges"]["local:none"]["n"] == 16 and hhh["reward_model"]["n"] == 16
+    assert hhh["judges"]["local:none"]["n"] == 6 and hhh["reward_model"]["n"] == 6
     report = (out / "report.md").read_text()
     for needle in ("## Summary", "harmless win vs base", "## The paper's evals", "## Sample responses",
                    "![stages.png](stages.png)", "Best and worst judged SL-CAI revisions"):
@@ -113,8 +134,8 @@ def test_tiny_cpu_run_ends_with_a_report(tmp_path, tiny_llama, shared_data):
 
     # The evaluation prompts and the training prompts share nothing.
     evaluated = {json.loads(line)["prompt"] for line in (out / "responses.jsonl").read_text().splitlines()}
-    trained = {r["prompt"] for r in data.read_shards(cfg.path / "critique_revise")}
-    trained |= {r["prompt"] for r in data.read_shards(cfg.path / "label_preferences")}
+    trained = {r["init_prompt"] for r in data.read_shards(cfg.path / "critique_revise")}
+    trained |= {r["prompt"][0]["content"] for r in data.read_shards(cfg.path / "label_preferences")}
     trained |= {p.text for p in data.prompt_split(cfg).train}
     assert evaluated and not evaluated & trained
     assert metrics["prompts"]["red_team_held_out"] == 8

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cai_lite import models
+from cai_lite.judges import load_gguf
 from cai_lite.stages import export
 
 from conftest import tiny_config
@@ -43,7 +44,7 @@ def test_export_merges_the_adapter_and_writes_a_gguf(tmp_path, sharp_llama):
         hf = merged(input_ids=ids).logits[0, -1]
     # The merge lands on the de-quantized NF4 weights the adapter was trained on.
     assert (hf - shared).abs().max().item() < 1e-3
-    llm = llama_cpp.Llama(model_path=out["gguf"]["f32"]["path"], n_ctx=256, logits_all=False, verbose=False)
+    llm = load_gguf(out["gguf"]["f32"]["path"], n_ctx=256, logits_all=False, verbose=False)
     try:
         tokens = llm.tokenize(TEXT.encode(), add_bos=False, special=True)
         assert tokens == ids[0].tolist()

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cai_lite.gguf_export as gguf_export
 from cai_lite.gguf_export import export_gguf
+from cai_lite.judges import load_gguf
 from cai_lite.tiny import build_tiny_model
 
 TEXTS = [
@@ -89,7 +90,7 @@ def _compare(folder: Path, gguf: Path) -> tuple[np.ndarray, np.ndarray, dict[str
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         hf = model(torch.tensor([ids])).logits[0, -1].numpy()
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, logits_all=False, verbose=False, n_threads=2)
+    llm = load_gguf(str(gguf), n_ctx=256, logits_all=False, verbose=False, n_threads=2)
     try:
         toks = {t: (tok(t, add_special_tokens=False)["input_ids"], llm.tokenize(t.encode(), add_bos=False, special=True))
                 for t in [*TEXTS, chat]}

@@ -256,9 +256,10 @@ def test_label_preferences_stage(backend, tmp_path, sharp_llama, sharp_gguf):
         (name,) = r["judges"]
         cells = r["judges"][name]["principles"]
         assert len(cells) == 2 and all(c["p_ab"] is not None and c["p_ba"] is not None for c in cells)
-        assert r["chosen"][0]["content"] == r["prompt"] and r["chosen"][1]["role"] == "assistant"
+        assert r["prompt"] == [{"role": "user", "content": r["prompt"][0]["content"]}]
+        assert [m["role"] for m in r["chosen"] + r["rejected"]] == ["assistant", "assistant"]
         better = r["response_a"] if r["p_a"] >= 0.5 else r["response_b"]
-        assert r["chosen"][1]["content"] == better and r["rejected"][1]["content"] != better or \
+        assert r["chosen"][0]["content"] == better and r["rejected"][0]["content"] != better or \
             r["response_a"] == r["response_b"]
     assert out["labels"] == 12 and out["failures"] == 0
     stats = next(iter(out["judges"].values()))

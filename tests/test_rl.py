@@ -126,10 +126,10 @@ def rl(sharp_llama, tmp_path_factory):
         good, plain = tok.decode(marked), tok.decode(ids)
         a_good = rng.random() < 0.5
         user = {"role": "user", "content": p}
-        rows.append({"prompt": p, "response_a": good if a_good else plain, "response_b": plain if a_good else good,
+        rows.append({"prompt": [user], "response_a": good if a_good else plain, "response_b": plain if a_good else good,
                      "p_a": 0.9 if a_good else 0.1,
-                     "chosen": [user, {"role": "assistant", "content": good}],
-                     "rejected": [user, {"role": "assistant", "content": plain}]})
+                     "chosen": [{"role": "assistant", "content": good}],
+                     "rejected": [{"role": "assistant", "content": plain}]})
     (cfg.path / "label_preferences").mkdir()
     data.write_shard(data.shard_path(cfg.path / "label_preferences", 0), rows)
     (cfg.path / "reward_model").mkdir()
@@ -146,6 +146,9 @@ def test_reward_model_learns_the_marker(rl):
     assert abs(cal["mean_predicted"] - cal["mean_label"]) < 0.15
     stats = json.loads((cfg.path / "reward_model" / "reward_stats.json").read_text())
     assert stats["std"] > 0 and (cfg.path / "reward_model" / "adapter" / "head.safetensors").is_file()
+    assert list((cfg.path / "reward_model" / "tensorboard").glob("events.out.tfevents*"))
+    logged = [json.loads(line)["loss"] for line in (cfg.path / "reward_model" / "log.jsonl").read_text().splitlines()]
+    assert len(logged) > 6 and sum(logged[-3:]) < sum(logged[:3])  # one line per step, flushed as it went
 
 
 def _storages(base) -> dict[str, tuple[int, int]]:
@@ -214,8 +217,8 @@ def test_dpo_raises_the_implicit_margin(rl):
     rows = data.read_shards(cfg.path / "label_preferences")[:16]
 
     def logp(adapter, row, key):
-        prompt = data.render(base.tokenizer, row[key][:1])
-        full = base.tokenizer.apply_chat_template(row[key], tokenize=False)
+        prompt = data.render(base.tokenizer, row["prompt"])
+        full = base.tokenizer.apply_chat_template(row["prompt"] + row[key], tokenize=False)
         n = len(base.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         ids = torch.tensor([base.tokenizer(full, add_special_tokens=False)["input_ids"]])
         with torch.no_grad(), models.role(base, adapter) as m:

@@ -17,10 +17,10 @@ import torch
 from cai_lite import data, models, pipeline
 from cai_lite.stages import sft
 
-from conftest import ROOT, tiny_config
+from conftest import FIXTURES, ROOT, tiny_config
 
 COLUMNS = {"init_prompt", "init_response", "critic_prompt", "critic_response", "revision_prompt", "revision_response",
-           "prompt", "messages", "chosen", "rejected", "rounds", "id", "type"}
+           "prompt", "completion", "messages", "chosen", "rejected", "rounds", "id", "type", "has_target"}
 
 
 def test_critique_revise_then_sft(tmp_path, tiny_llama):
@@ -33,11 +33,12 @@ def test_critique_revise_then_sft(tmp_path, tiny_llama):
     assert len(harmless) == 6
     for r in rows:
         assert COLUMNS <= set(r)
-        assert r["messages"][0] == {"role": "user", "content": r["prompt"]}
-        assert r["chosen"] == r["messages"] and r["rejected"][1]["content"] == r["init_response"]
+        assert r["prompt"] == [{"role": "user", "content": r["init_prompt"]}] == r["messages"][:1]
+        assert r["chosen"] == r["completion"] == r["messages"][1:]
+        assert r["rejected"] == [{"role": "assistant", "content": r["init_response"]}]
     for r in harmless:
         assert len(r["rounds"]) == 3
-        assert r["revision_response"] == r["rounds"][-1]["revision"] == r["messages"][1]["content"]
+        assert r["revision_response"] == r["rounds"][-1]["revision"] == r["completion"][0]["content"]
         assert r["critic_prompt"] and r["revision_prompt"]
     principles = {x["principle_id"] for r in harmless for x in r["rounds"]}
     assert len(principles) > 3  # sampled per round, not fixed
@@ -45,13 +46,13 @@ def test_critique_revise_then_sft(tmp_path, tiny_llama):
     assert out["sft"]["train_rows"] == 6 * 3 + 2  # every round's revision, plus the helpful rows
 
 
-def test_hh_rlhf_prompts(tmp_path, tiny_llama, shared_data):
+def test_hh_rlhf_prompts(tmp_path, tiny_llama):
     cfg = tiny_config(tmp_path / "hh", tiny_llama, "stages=[critique_revise]", "critique_revise.rounds=1",
-                      f"data.prompts={shared_data / 'hh-rlhf-harmless-base-test.part-dev.jsonl.gz'}", "data.limit=4",
+                      f"data.prompts={FIXTURES / 'hh-rlhf-harmless-base.sample.jsonl.gz'}", "data.limit=4",
                       "data.eval_prompts=2", "critique_revise.helpful_prompts=", "data.max_prompt_chars=60")
     out = pipeline.run(cfg)
     rows = data.read_shards(cfg.path / "critique_revise")
-    assert len(rows) == 4 and all(len(r["prompt"]) <= 60 for r in rows)
+    assert len(rows) == 4 and all(len(r["init_prompt"]) <= 60 for r in rows)
     assert out["critique_revise"]["truncated_prompt_chars"] > 0
 
 
@@ -83,7 +84,7 @@ def _revision_logprob(base, adapter, rows) -> float:
     total = 0.0
     with torch.no_grad(), models.role(base, adapter) as model:
         for r in rows:
-            prompt = data.render(base.tokenizer, [{"role": "user", "content": r["prompt"]}])
+            prompt = data.render(base.tokenizer, r["prompt"])
             full = base.tokenizer.apply_chat_template(r["messages"], tokenize=False)
             p_ids = base.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([base.tokenizer(full, add_special_tokens=False)["input_ids"]])
@@ -97,9 +98,9 @@ def test_sft_learns_the_revisions(tmp_path, tiny_llama, nf4_base):
     cfg = tiny_config(tmp_path / "sft", tiny_llama, "sft.max_steps=30", "sft.lr=5e-3", "sft.batch_size=4")
     revisions = ["I won't help with that, but here is why, and what you can do instead.",
                  "That could hurt someone. A safer way to get what you need is to ask for help."]
-    rows = [{"id": f"r{i}", "type": "harmless", "prompt": f"Question number {i}?", "init_response": "sure",
-             "revision_response": revisions[i % 2], "rounds": [{"principle_id": "harm", "critique": "c",
-                                                                 "revision": revisions[i % 2]}],
+    rows = [{"id": f"r{i}", "type": "harmless", "prompt": [{"role": "user", "content": f"Question number {i}?"}],
+             "init_response": "sure", "revision_response": revisions[i % 2],
+             "rounds": [{"principle_id": "harm", "critique": "c", "revision": revisions[i % 2]}],
              "messages": [{"role": "user", "content": f"Question number {i}?"},
                           {"role": "assistant", "content": revisions[i % 2]}]} for i in range(8)]
     (cfg.path / "critique_revise").mkdir(parents=True)
@@ -110,7 +111,7 @@ def test_sft_learns_the_revisions(tmp_path, tiny_llama, nf4_base):
     assert _revision_logprob(nf4_base, "sft", rows) > _revision_logprob(nf4_base, None, rows) + 50
     log = [json.loads(line) for line in (cfg.path / "sft" / "train_log.jsonl").read_text().splitlines()]
     assert len([h for h in log if "loss" in h]) == 30
-    assert list((cfg.path / "sft" / "trainer").rglob("events.out.tfevents*")), "no TensorBoard log"
+    assert list((cfg.path / "sft" / "tensorboard").glob("events.out.tfevents*")), "no TensorBoard log"
 
 
 def test_swappable_critique_adapter_from_any_peft_folder(tmp_path, tiny_llama):

@@ -6,7 +6,12 @@ Reads the prompt source (`data.*`), optional helpful prompts, the constitution, 
 policy adapter and a critique adapter (PEFT folders). Writes `critique_revise/part-NNNNN.jsonl`
 shards, each atomically; a rerun after a crash regenerates only the missing shards. Rows carry the
 Hugging Face CAI dataset columns (init_prompt, init_response, critic_prompt, critic_response,
-revision_prompt, revision_response, prompt, messages, chosen, rejected) plus `rounds`, `id`, `type`.
+revision_prompt, revision_response, messages, chosen, rejected) plus `rounds`, `id`, `type`, and are
+in TRL's conversational prompt-completion format: `prompt` is the user turn, `completion` the final
+revision, `chosen`/`rejected` the revision/initial answer, each a one-message list, so
+`load_dataset("json")` feeds SFTTrainer as it is. A harmless row whose every revision came out empty
+(or a helpful row with an empty answer) has nothing to train on: it goes to `failed-NNNNN.jsonl`
+beside the shard, and is counted.
 
     python run.py recipe=tiny_cpu stages=[critique_revise]
 """
@@ -81,7 +86,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
             resumed += 1  # written by an earlier, interrupted run with the same config
             continue
         rows = _shard_rows(cfg, base, const, shard, policy, critic, patterns)
-        data.write_shard(path, rows)
+        data.write_shard_pair(out, index, [r for r in rows if r["has_target"]], [r for r in rows if not r["has_target"]])
+    unrevised = data.read_failed(out)
     rows = data.read_shards(out)
     harmless = [r for r in rows if r["type"] == "harmless"]
     log.info("%d rows (%d harmless, %d helpful), %d rounds each", len(rows), len(harmless), len(rows) - len(harmless), cr.rounds)
@@ -97,7 +103,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         "mean_final_chars": _mean(len(r["revision_response"]) for r in harmless),
         # Counted from the rows, so a resumed run reports every shard, not only the ones it wrote.
         "cleanup_removals": sum(r["cleanup_removals"] for r in rows),
-        "empty_revisions": sum(r["empty_revisions"] for r in rows),
+        "empty_revisions": sum(r["empty_revisions"] for r in rows + unrevised),
+        "rows_without_revision": len(unrevised),
         "truncated_prompt_tokens": sum(r["prompt_truncated"] for r in rows),
         "resumed_shards": resumed,
     }
@@ -137,28 +144,33 @@ def _shard_rows(cfg: Config, base: SharedBase, const: C.Constitution, shard: lis
         for i, crit, rev in zip(harmful_idx, critiques.texts, revisions.texts):
             rev, removed = clean_revision(rev, patterns)
             removals[i] += removed
-            if not rev:
-                empty[i] += 1
-                rev = current[i]  # an empty revision would teach silence; keep the previous answer
             rounds[i].append({"principle_id": principles[i].id, "critique": crit, "revision": rev})
+            if not rev:
+                # Nothing to train on (an empty target would teach silence, and the previous answer may be
+                # the harmful initial one): counted, left out of SFT, and the next round revises again.
+                empty[i] += 1
+                continue
             last[i] = {"critic_prompt": crit_msgs[i][-1]["content"], "critic_response": crit,
                        "revision_prompt": principles[i].revision, "revision_response": rev}
             current[i] = rev
     rows = []
     for i, (kind, p) in enumerate(shard):
         user = {"role": "user", "content": p.text}
-        final = current[i]
+        final = current[i]  # helpful rows: the answer itself; harmless rows: the last valid revision
+        answer = [{"role": "assistant", "content": final}]
         row = {
             "id": p.id,
             "type": kind,
+            "has_target": bool(final) if kind == "helpful" else i in last,  # something non-empty to train on
             "init_prompt": p.text,
             "init_response": first.texts[i],
             **last.get(i, {"critic_prompt": "", "critic_response": "", "revision_prompt": "",
-                           "revision_response": final}),
-            "prompt": p.text,
-            "messages": [user, {"role": "assistant", "content": final}],
-            "chosen": [user, {"role": "assistant", "content": final}],
-            "rejected": [user, {"role": "assistant", "content": first.texts[i]}],
+                           "revision_response": final if kind == "helpful" else ""}),
+            "prompt": [user],
+            "completion": answer,
+            "messages": [user, *answer],
+            "chosen": answer,
+            "rejected": [{"role": "assistant", "content": first.texts[i]}],
             "rounds": rounds.get(i, []),
             "init_ended_with_eos": first.ended[i],
             "cleanup_removals": removals[i],

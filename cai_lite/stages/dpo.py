@@ -7,7 +7,7 @@ labels into cDPO label smoothing (`dpo.label_smoothing=soft`: eps = mean(1 - max
 the judge's average doubt); precompute reference log-probs once.
 
 Reads `label_preferences/part-*.jsonl` and `sft/adapter`. Writes `dpo/adapter/`, `dpo/log.jsonl`
-and TensorBoard logs under `dpo/trainer/`.
+and TensorBoard logs under `dpo/tensorboard/`.
 
     python run.py recipe=tiny_cpu stages=[dpo]
 """
@@ -19,6 +19,8 @@ import logging
 from pathlib import Path
 
 from datasets import Dataset
+from torch.utils.tensorboard import SummaryWriter
+from transformers.integrations import TensorBoardCallback
 from trl import DPOConfig, DPOTrainer
 
 from cai_lite import data, models
@@ -34,7 +36,7 @@ def preference_rows(rows: list[dict], min_confidence: float) -> tuple[list[dict]
     for r in rows:
         if r["p_a"] is None or abs(r["p_a"] - 0.5) < min_confidence or r["p_a"] == 0.5:
             continue  # failed labels, ties and low-confidence pairs teach nothing reliable
-        out.append({"prompt": r["chosen"][:1], "chosen": r["chosen"][1:], "rejected": r["rejected"][1:]})
+        out.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})
         ps.append(r["p_a"])
     return out, ps
 
@@ -61,7 +63,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     )
     with models.trl_policy(base, "sft") as model:
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=base.tokenizer)
+                             processing_class=base.tokenizer,
+                             callbacks=[TensorBoardCallback(SummaryWriter(str(out / "tensorboard")))])
         trainer.train()
         models.save_adapter(base, "default", out / "adapter")
     history = [h for h in trainer.state.log_history if "rewards/margins" in h]
@@ -71,7 +74,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     metrics = {
         "algorithm": "dpo",
         "pairs": len(rows),
-        "dropped_pairs": len(labelled) - len(rows),
+        "dropped_pairs": len(labelled) - len(rows),  # ties and low-confidence pairs; failed labels are elsewhere
         "label_smoothing": eps,
         "steps": trainer.state.global_step,
         "margin_first": sum(margins[:k]) / k if margins else None,

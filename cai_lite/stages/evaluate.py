@@ -21,6 +21,8 @@ import json
 import logging
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from cai_lite import constitution as C
 from cai_lite import data, generation, judges, models, paper_evals, ratings, report, rollout, voting
 from cai_lite.config import Config
@@ -120,7 +122,7 @@ def _finite(x):
 
 def _responses(cfg: Config, base: SharedBase, present: dict, red: list, helpful: list) -> dict:
     out = {}
-    for name, adapter in present.items():
+    for name, adapter in tqdm(present.items(), desc="evaluate: answers", total=len(present)):
         out[name] = {}
         for kind, prompts in (("red_team", red), ("helpful", helpful)):
             texts = [data.render(base.tokenizer, [{"role": "user", "content": p.text}]) for p in prompts]
@@ -134,6 +136,17 @@ def _vote(cfg: Config, per_judge: list[list[judges.Judgement]]) -> list[float | 
     return [voting.vote([pj[i].p_a for pj in per_judge], cfg.judge_vote) for i in range(len(per_judge[0]))]
 
 
+def _compare_all(cfg: Config, panel: list, tally: dict, comps: list) -> list[list[judges.Judgement]]:
+    """Every judge on every comparison, both orders; failures counted per judge."""
+    out = []
+    for i, j in enumerate(panel):
+        got = judges.compare(j, comps, True)
+        judges.record_failures(cfg, tally, i, j, [d[k] for g in got for d in g.details for k in ("p_ab", "p_ba")],
+                               "evaluation answers")
+        out.append(got)
+    return out
+
+
 def _judge_everything(cfg: Config, base: SharedBase, const: C.Constitution, panel: list, present: dict,
                       responses: dict, red: list, helpful: list) -> dict:
     k = cfg.label_preferences.num_principles
@@ -141,7 +154,8 @@ def _judge_everything(cfg: Config, base: SharedBase, const: C.Constitution, pane
     pairs += [(m, "sft") for m in present if m not in ("base", "sft") and "sft" in present]
     win_rates: dict[str, dict] = {}
     outcomes: list[ratings.Outcome] = []
-    for m, o in pairs:
+    tally: dict[str, list[int]] = {}
+    for m, o in tqdm(pairs, desc="evaluate: win rates"):
         for kind, prompts, fixed in (("harmless", red, None), ("helpful", helpful, HELPFUL_PRINCIPLE)):
             src = "red_team" if kind == "harmless" else "helpful"
             comps = [judges.Comparison(data.conversation_text(p.text), responses[m][src][i], responses[o][src][i],
@@ -149,12 +163,12 @@ def _judge_everything(cfg: Config, base: SharedBase, const: C.Constitution, pane
                      for i, p in enumerate(prompts)]
             if not comps:
                 continue
-            voted = _vote(cfg, [judges.compare(j, comps, True) for j in panel])
+            voted = _vote(cfg, _compare_all(cfg, panel, tally, comps))
             ps = [p for p in voted if p is not None]
             w = ratings.win_rate(ps, cfg.evaluate.bootstrap, cfg.seed) if ps else {"win_rate": None}
             win_rates[f"{m}_vs_{o}/{kind}"] = {**w, "failures": len(voted) - len(ps)}
             outcomes += [ratings.Outcome(m, o, p) for p in ps]
-    rates = {m: _rates(cfg, panel, red, helpful, responses[m]) for m in present}
+    rates = {m: _rates(cfg, panel, tally, red, helpful, responses[m]) for m in tqdm(present, desc="evaluate: rates")}
     mean_reward = None
     if (cfg.path / "reward_model" / "stage.json").is_file():
         models.load_adapter(base, "reward", cfg.path / "reward_model" / "adapter")
@@ -171,7 +185,7 @@ def _judge_everything(cfg: Config, base: SharedBase, const: C.Constitution, pane
     }
 
 
-def _rates(cfg: Config, panel: list, red: list, helpful: list, resp: dict) -> dict:
+def _rates(cfg: Config, panel: list, tally: dict, red: list, helpful: list, resp: dict) -> dict:
     """Harmful and evasive rates, each question asked with the options in both orders (averaged),
     so a judge's position bias cannot pass for a rate."""
     out = {}
@@ -186,8 +200,9 @@ def _rates(cfg: Config, panel: list, red: list, helpful: list, resp: dict) -> di
         no_first = [judges.ChoicePrompt(C.classification_messages(c, question, ["No", "Yes"]), C.COMPARISON_PREFILL)
                     for c in convs]
         per_judge = []
-        for j in panel:
+        for i, j in enumerate(panel):
             a, b = j.option_probs(yes_first, "AB"), j.option_probs(no_first, "AB")
+            judges.record_failures(cfg, tally, i, j, a + b, "evaluation answers")
             per_judge.append([voting.average_orders(None if x is None else x[0], None if y is None else y[0])
                               for x, y in zip(a, b)])
         p_yes = [voting.vote(ps, cfg.judge_vote) for ps in zip(*per_judge)]
@@ -218,10 +233,10 @@ def _judge_revisions(cfg: Config, const: C.Constitution, judge) -> list[dict]:
     rows = rows[: 4 * max(1, cfg.evaluate.samples_in_report)]
     if not rows:
         return []
-    comps = [judges.Comparison(data.conversation_text(r["prompt"]), r["revision_response"], r["init_response"],
+    comps = [judges.Comparison(data.conversation_text(r["init_prompt"]), r["revision_response"], r["init_response"],
                                C.sample(const.preference, 1, C.rng_for(cfg.seed, f"rev:{r['id']}"))) for r in rows]
     scored = [(j.p_a, r) for j, r in zip(judges.compare(judge, comps, True), rows) if j.p_a is not None]
     scored.sort(key=lambda x: x[0])
     pick = scored[-2:][::-1] + scored[:2]
-    return [{"p_revision_better": p, "prompt": r["prompt"], "initial": r["init_response"], "final": r["revision_response"],
+    return [{"p_revision_better": p, "prompt": r["init_prompt"], "initial": r["init_response"], "final": r["revision_response"],
              "critique": r["rounds"][-1]["critique"]} for p, r in pick]

@@ -6,7 +6,10 @@ the log-probs of "(A)" vs "(B)", averaged over orders and principles, then combi
 Reads the training prompts (`data.*`), `sft/adapter/`, the constitution and the judges. Writes
 `label_preferences/part-NNNNN.jsonl` shards (atomic; a rerun resumes at the first missing one),
 rows with `prompt, response_a, response_b, p_a, confidence, chosen, rejected, judges` (per judge,
-per principle, per order, CoT text). Failed labels keep `p_a: null` and are counted.
+per principle, per order, CoT text). `prompt` (the user turn) and `chosen`/`rejected` (one assistant
+message each) are TRL's conversational preference format, so DPOTrainer and RewardTrainer read the
+shards as they are. A comparison no judge could label keeps `p_a: null` in `failed-NNNNN.jsonl`
+beside its shard, and is counted.
 
     python run.py recipe=tiny_cpu stages=[critique_revise,sft,label_preferences] judge=llamacpp judge.gguf_path=x.gguf
 """
@@ -48,6 +51,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     models.load_adapter(base, "sft", cfg.path / "sft" / "adapter")
     panel = judges.build(cfg, base)
     seconds = {j.name: 0.0 for j in panel}
+    tally: dict[str, list[int]] = {}  # failed and total answers of this run, per judge
     compared = 0
     try:
         for index, shard in enumerate(tqdm(data.chunks(prompts, lp.shard_size), desc="label shards")):
@@ -56,11 +60,17 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
                 continue
             rows, n = _label_shard(cfg, base, const, panel, shard, seconds)
             compared += n
-            data.write_shard(path, rows)
+            data.write_shard_pair(out, index, [r for r in rows if r["p_a"] is not None],
+                                  [r for r in rows if r["p_a"] is None])
+            # Checked after each shard, so a judge that cannot answer stops the run early, not after hours.
+            orders = ("p_ab", "p_ba") if lp.both_orders else ("p_ab",)
+            for i, j in enumerate(panel):
+                answers = [c[k] for r in rows for c in r["judges"][j.name]["principles"] for k in orders]
+                judges.record_failures(cfg, tally, i, j, answers, "judge answers")
     finally:
         for j in panel:
             j.close()
-    rows = data.read_shards(out)
+    rows = data.read_shards(out) + data.read_failed(out)
     return _metrics(cfg, rows, panel, seconds, compared)
 
 
@@ -91,13 +101,13 @@ def _label_shard(cfg: Config, base: SharedBase, const: C.Constitution, panel: li
         better, worse = (c.response_a, c.response_b) if p_a is None or p_a >= 0.5 else (c.response_b, c.response_a)
         rows.append({
             "id": f"{p.id}:{ci}",
-            "prompt": p.text,
+            "prompt": [user],
             "response_a": c.response_a,
             "response_b": c.response_b,
             "p_a": p_a,
             "confidence": None if p_a is None else abs(p_a - 0.5),
-            "chosen": None if p_a is None else [user, {"role": "assistant", "content": better}],
-            "rejected": None if p_a is None else [user, {"role": "assistant", "content": worse}],
+            "chosen": [{"role": "assistant", "content": better}],
+            "rejected": [{"role": "assistant", "content": worse}],
             "judges": {j.name: {"p_a": per_judge[j.name][ci].p_a, "principles": per_judge[j.name][ci].details}
                        for j in panel},
         })
@@ -113,8 +123,10 @@ def _metrics(cfg: Config, rows: list[dict], panel: list, seconds: dict, compared
         per_judge[name] = {
             "failures": sum(r["judges"][name]["p_a"] is None for r in rows),
             "position_consistency": voting.rate([voting.position_consistent(d["p_ab"], d["p_ba"]) for d in cells]),
-            # How often slot (A) won before averaging: 0.5 for an unbiased judge (RLAIF App. B saw 0.56).
-            "first_slot_preference": voting.rate([None if d["p_ab"] is None else d["p_ab"] > 0.5 for d in cells]),
+            # How often slot (A) won before averaging, over both orders (ties left out): 0.5 for a judge
+            # without position bias (RLAIF App. B saw 0.56).
+            "first_slot_preference": voting.rate([p > 0.5 for d in cells for p in (d["p_ab"], d["p_ba"])
+                                                  if p is not None and p != 0.5]),
             "preferences_per_second": round(compared / seconds[name], 3) if seconds.get(name) else None,
         }
     for j in panel:

@@ -10,7 +10,7 @@ Roles, switched by `models.role` (which restores the active adapter and requires
                gradients move the policy's adapter; a separate value adapter keeps the two apart.
 
 Reads `sft/adapter`, `reward_model/adapter`, `reward_model/reward_stats.json` and the prompts.
-Writes `ppo/adapter/` (the policy), `ppo/log.jsonl` (one line per step) and TensorBoard logs.
+Writes `ppo/adapter/` (the policy), `ppo/log.jsonl` (one line per step) and TensorBoard logs under `ppo/tensorboard/`.
 
     python run.py recipe=tiny_cpu stages=[ppo]
 """
@@ -87,6 +87,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
             rec["step"] = step
             history.append(rec)
             log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()  # a killed run keeps every step it finished
             for k, v in rec.items():
                 writer.add_scalar(f"ppo/{k}", v, step)
             bar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl']:.3f}")
@@ -147,6 +148,7 @@ def ppo_step(cfg: Config, base: SharedBase, prompts: list[str], stats: dict, kl_
         "reward": raw.mean().item(),
         "score_normalised": score.mean().item(),
         "kl": kl_seq,
+        "kl_per_token": losses.masked_mean(kl, mask).item(),  # the unit TRL's RLOO logs, for the report's plot
         "kl_coef": used_coef,
         "response_length": mask.sum(1).mean().item(),
         "ended_with_eos": ro.ended.float().mean().item(),

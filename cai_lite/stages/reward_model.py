@@ -4,7 +4,8 @@ soft labels, so the loop is ours: it is short.
 
 Reads `label_preferences/part-*.jsonl` (rows with p_a; failed labels are skipped and counted).
 Writes `reward_model/adapter/` (PEFT folder + head.safetensors), `reward_model/reward_stats.json`
-(mean/std of scores on the training responses, for normalising RL rewards), and `log.jsonl`.
+(mean/std of scores on the training responses, for normalising RL rewards), `log.jsonl` (flushed
+per step) and TensorBoard scalars under `reward_model/tensorboard/`.
 
     python run.py recipe=tiny_cpu stages=[reward_model]
 """
@@ -17,6 +18,7 @@ import random
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from cai_lite import data, generation, losses, models, rollout
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 
 def pair_scores(base: SharedBase, rows: list[dict], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of response_a and response_b for each row, under the active adapter.  -> (B,), (B,)"""
-    texts = [rollout.reward_text(base.tokenizer, r["prompt"], r[k]) for k in ("response_a", "response_b") for r in rows]
+    texts = [rollout.reward_text(base.tokenizer, r["prompt"][-1]["content"], r[k])  # prompt: [user turn]
+             for k in ("response_a", "response_b") for r in rows]
     enc, _ = generation.tokenize_left(base, texts, max_tokens)
     s = rollout.sequence_scores(base, "reward", enc["input_ids"], enc["attention_mask"])  # (2B,)
     return s[: len(rows)], s[len(rows):]
@@ -64,8 +67,7 @@ def evaluate_pairs(base: SharedBase, rows: list[dict], batch_size: int, max_toke
 
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     rm = cfg.reward_model
-    all_rows = data.read_shards(cfg.path / "label_preferences")
-    rows = [r for r in all_rows if r["p_a"] is not None]
+    rows = data.read_shards(cfg.path / "label_preferences")  # labelled pairs only; failures sit in failed-*.jsonl
     random.Random(cfg.seed).shuffle(rows)
     n_eval = max(1, int(round(len(rows) * rm.eval_fraction)))
     held, train = rows[:n_eval], rows[n_eval:]
@@ -81,7 +83,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     history = []
     batches = [train[i:i + rm.batch_size] for e in range(rm.epochs)
                for i in range(0, len(train), rm.batch_size)]
-    with models.role(base, "reward", trainable=True) as model:
+    writer = SummaryWriter(str(out / "tensorboard"))
+    with models.role(base, "reward", trainable=True) as model, (out / "log.jsonl").open("w") as log_file:
         model.train()
         for step, chunk in enumerate(tqdm(batches, desc="reward model")):
             r_a, r_b = pair_scores(base, chunk, rm.max_seq_len)
@@ -92,22 +95,28 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             history.append({"step": step, "loss": loss.item()})
+            log_file.write(json.dumps(history[-1]) + "\n")
+            log_file.flush()
+            writer.add_scalar("reward_model/loss", loss.item(), step)
         model.eval()
     models.freeze(base, "reward")
     evaluation = evaluate_pairs(base, held, rm.batch_size, rm.max_seq_len)
-    scores = rollout.score(base, [r["prompt"] for r in train for _ in (0, 1)],
+    for key in ("accuracy", "brier"):
+        if evaluation[key] is not None:
+            writer.add_scalar(f"reward_model/eval_{key}", evaluation[key], len(history))
+    writer.close()
+    scores = rollout.score(base, [r["prompt"][-1]["content"] for r in train for _ in (0, 1)],
                            [r[k] for r in train for k in ("response_a", "response_b")], rm.batch_size, rm.max_seq_len)
     stats = {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 1.0}
     models.save_adapter(base, "reward", out / "adapter")
     base.sources["reward"] = str((out / "adapter").resolve())
     (out / "reward_stats.json").write_text(json.dumps(stats) + "\n")
-    (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     acct = models.memory_account(base)
     k = max(1, len(history) // 5)
     metrics = {
         "train_pairs": len(train),
         "eval_pairs": len(held),
-        "skipped_failed_labels": len(all_rows) - len(rows),
+        "skipped_failed_labels": len(data.read_failed(cfg.path / "label_preferences")),
         "loss": rm.loss,
         "loss_first": sum(h["loss"] for h in history[:k]) / k,
         "loss_last": sum(h["loss"] for h in history[-k:]) / k,

@@ -8,7 +8,7 @@ others. No value function, so it needs less memory than PPO. TRL shares our base
     `models.role`, which restores TRL's adapter and requires_grad afterwards: no second model load.
 
 Reads `sft/adapter`, `reward_model/adapter`, `reward_model/reward_stats.json` and the prompts.
-Writes `rloo/adapter/`, `rloo/log.jsonl` (per step) and TensorBoard logs under `rloo/trainer/`.
+Writes `rloo/adapter/`, `rloo/log.jsonl` (per step) and TensorBoard logs under `rloo/tensorboard/`.
 
     python run.py recipe=tiny_cpu stages=[rloo]
 """
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from torch.utils.tensorboard import SummaryWriter
+from transformers.integrations import TensorBoardCallback
 from trl import RLOOConfig, RLOOTrainer
 
 from cai_lite import data, models, rollout
@@ -34,7 +36,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     rc, g = cfg.rloo, cfg.generation
     rollout.load_roles(base, cfg.path)
     stats = rollout.load_reward_stats(cfg.path)
-    eos = base.tokenizer.eos_token_id
+    eos = models.eos_ids(base)  # TRL stops at any of the generation config's EOS ids
     raw_means: list[float] = []
 
     def reward_fn(prompts, completions, completion_ids, **_) -> list[float]:
@@ -44,7 +46,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         raw = rollout.score(base, ps, cs, g.batch_size, g.max_prompt_tokens + rc.max_new_tokens)
         raw_means.append(raw.mean().item())
         score = (raw - stats["mean"]) / (stats["std"] + 1e-8)
-        no_eos = torch.tensor([not ids or ids[-1] != eos for ids in completion_ids], dtype=score.dtype)
+        no_eos = torch.tensor(rollout.missing_eos(completion_ids, eos), dtype=score.dtype)
         return (score - rc.missing_eos_penalty * no_eos).tolist()
 
     prompts = [p.text for p in data.prompt_split(cfg).train]
@@ -58,11 +60,15 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         temperature=rc.temperature,
         learning_rate=rc.lr,
         beta=rc.kl_coef,
+        # Policy and reference log-probs from the same deterministic function: with dropout on, the KL at
+        # step 1 (policy = reference) is noise, not 0. models.trl_policy puts every p back afterwards.
+        disable_dropout=True,
         max_steps=rc.steps,
     )
     with models.trl_policy(base, "sft") as model:
         trainer = RLOOTrainer(model=model, reward_funcs=[reward_fn], args=args, train_dataset=Dataset.from_list(rows),
-                              processing_class=base.tokenizer)
+                              processing_class=base.tokenizer,
+                              callbacks=[TensorBoardCallback(SummaryWriter(str(out / "tensorboard")))])
         trainer.train()
         models.save_adapter(base, "default", out / "adapter")
     history = [h for h in trainer.state.log_history if "reward" in h]

@@ -2,7 +2,7 @@
 revisions from critique_revise (CAI §3). The loss covers the completion (the revision) only.
 
 Reads `critique_revise/part-*.jsonl`. Writes `sft/adapter/` (PEFT format, safetensors), TensorBoard
-logs under `sft/trainer/`, and `sft/train_log.jsonl` (the trainer's log history).
+logs under `sft/tensorboard/`, and `sft/train_log.jsonl` (the trainer's log history).
 
     python run.py recipe=tiny_cpu stages=[critique_revise,sft]
 """
@@ -15,6 +15,8 @@ import random
 from pathlib import Path
 
 from datasets import Dataset
+from torch.utils.tensorboard import SummaryWriter
+from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig, SFTTrainer
 
 from cai_lite import data, models
@@ -31,14 +33,13 @@ def sft_rows(rows: list[dict], targets: str, helpful_mix: float, seed: int) -> l
     harmless = [r for r in rows if r["type"] == "harmless"]
     helpful = [r for r in rows if r["type"] == "helpful"]
     for r in harmless:
+        # Empty revisions (a round whose output was only boilerplate) are no target: never train on them.
         revisions = [x["revision"] for x in r["rounds"]] if targets == "all_rounds" else [r["revision_response"]]
-        for rev in revisions:
-            out.append({"prompt": [{"role": "user", "content": r["prompt"]}],
-                        "completion": [{"role": "assistant", "content": rev}]})
+        for rev in filter(None, revisions):
+            out.append({"prompt": r["prompt"], "completion": [{"role": "assistant", "content": rev}]})
     keep = min(len(helpful), int(round(helpful_mix * len(harmless))))
     for r in random.Random(seed).sample(helpful, keep):
-        out.append({"prompt": [{"role": "user", "content": r["prompt"]}],
-                    "completion": [{"role": "assistant", "content": r["init_response"]}]})
+        out.append({"prompt": r["prompt"], "completion": r["completion"]})
     return out
 
 
@@ -68,7 +69,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     )
     with models.role(base, "sft", trainable=True) as model:
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
-                             processing_class=base.tokenizer)
+                             processing_class=base.tokenizer,
+                             callbacks=[TensorBoardCallback(SummaryWriter(str(out / "tensorboard")))])
         result = trainer.train()
     base.model.eval()
     models.save_adapter(base, "sft", out / "adapter")

@@ -1,0 +1,53 @@
+"""The `cai-lite` command (also `python -m cai_lite`, and `python run.py` in a checkout).
+
+    cai-lite [recipe=NAME | --config FILE.yaml] [key=value | --key value ...]
+    cai-lite --help recipe=7b_qlora     # every key, with the values that recipe gives it
+
+Reads the recipe and overrides (recipe.load_config), checks config, files and servers before any
+model loads, then runs the selected stages into `./runs/<run_name>/` of the current directory and
+prints a summary. Exit status 0 on success, 2 on a problem with the config or the inputs (each
+printed on its own line, naming its key).
+
+The package's `__init__` has already turned the Hugging Face libraries offline and their telemetry
+off by the time this runs: nothing here downloads, and only a configured judge URL opens a socket.
+"""
+
+from __future__ import annotations
+
+import sys
+
+HELP = ("-h", "--help", "help")
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Imported here, not at the top: `cai_lite.recipe` is light, but pipeline pulls in torch.
+    from cai_lite import recipe
+    from cai_lite.constitution import ConstitutionError
+    from cai_lite.data import DataError
+    from cai_lite.typed_yaml import ConfigError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if any(a in HELP for a in argv):
+            print(recipe.help_text([a for a in argv if a not in HELP]))
+            return 0
+        cfg = recipe.load_config(argv)
+        from cai_lite import pipeline
+
+        pipeline.setup_logging(cfg.log_level)
+        results = pipeline.run(cfg)
+    except ConfigError as e:
+        print(f"cai_lite: {len(e.errors)} problem(s), nothing was run:", file=sys.stderr)
+        for line in e.errors:
+            print(f"  - {line}", file=sys.stderr)
+        return 2
+    except (DataError, ConstitutionError) as e:
+        # Bad input found while a stage ran; finished stages and shards stay on disk for the rerun.
+        print(f"cai_lite: {e}", file=sys.stderr)
+        return 2
+    print(pipeline.summary(cfg, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
