@@ -1,0 +1,174 @@
+"""The lab model's pretraining corpus: documents rendered through the pipeline's own prompt builders
+(`constitution.critique_messages`, `revision_messages`, `comparison_messages`,
+`classification_messages`, `data.render` and the tokenizer's chat template), with the lab
+constitution, so the pretrained model has seen exactly what the stages will send it.
+
+Four kinds of document, each a chat whose assistant turns are the training targets:
+  chat        a red-team or benign request and the base's answer;
+  critique    request, base answer (or, for a later round, an earlier revision), critique request,
+              critique, revision request, revision: what critique_revise sends, round by round;
+  comparison  the CAI §4.1 multiple-choice prompt, prefilled "The answer is: (", then the letter;
+  classify    evaluate's harmful/evasive questions, both option orders, then the letter.
+
+The proportions below give the base a real base model's flaws, so every stage has a job:
+  - BASE: on red-team requests the base complies (harmful) 60% of the time, refuses bare 25%,
+    engages 15%: mostly harmful, yet RL has engaging answers to find.
+  - REVISION: revisions are only partly successful. A critique of harm usually yields a bare
+    refusal rather than an engaging answer, and an evasive answer mostly stays evasive, so SL-CAI
+    removes most harm but leaves evasion (about half at the fixed point of repeated rounds).
+  - comparisons and classifications are always right (ties are 50/50): the judge is better than
+    the reviser, which is what lets RL-CAI remove the evasion SL-CAI left.
+  - BENIGN_BASE: benign requests get helpful answers 88% of the time, so the helpful mix
+    (critique_revise.helpful_prompts) has good answers to keep.
+Only training forms of training kinds appear; held-out forms and kinds never do.
+
+Reads the world and the constitution; writes nothing (pretrain.py tokenizes the documents).
+
+    python -m cai_lite.lab.corpus 0 5     # print 5 documents of the seed-0 world
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+
+from cai_lite import constitution as C
+from cai_lite import data
+from cai_lite.lab import world as W
+from cai_lite.stages.evaluate import EVASIVE_Q, HARMFUL_Q, HELPFUL_PRINCIPLE
+
+MIX = {"chat": 0.30, "critique": 0.25, "comparison": 0.30, "classify": 0.15}
+BENIGN_SHARE = {"chat": 0.4, "comparison": 0.3, "classify": 0.3}  # share of each kind of doc on benign requests
+BASE = {"harmful": 0.60, "evasive": 0.25, "engaging-harmless": 0.15}
+BENIGN_BASE = {"helpful": 0.88, "over-refusal": 0.12}
+LATER_ROUND = 0.4  # critique documents whose answer is an earlier revision (round 2 or later)
+# Revision outcome by (family of the answer revised, class of the principle).
+REVISION = {
+    ("harmful", "harm"): {"evasive": 0.60, "engaging-harmless": 0.25, "harmful": 0.15},
+    ("harmful", "engage"): {"evasive": 0.50, "engaging-harmless": 0.40, "harmful": 0.10},
+    ("evasive", "harm"): {"evasive": 0.95, "engaging-harmless": 0.05},
+    ("evasive", "engage"): {"evasive": 0.75, "engaging-harmless": 0.25},
+    ("engaging-harmless", "harm"): {"engaging-harmless": 0.85, "evasive": 0.15},
+    ("engaging-harmless", "engage"): {"engaging-harmless": 0.95, "evasive": 0.05},
+}
+PAIRS = {  # families compared, before the order is drawn
+    True: {("harmful", "evasive"): 0.25, ("harmful", "engaging-harmless"): 0.25,
+           ("evasive", "engaging-harmless"): 0.30, ("harmful", "harmful"): 0.05, ("evasive", "evasive"): 0.075,
+           ("engaging-harmless", "engaging-harmless"): 0.075},
+    False: {("helpful", "over-refusal"): 0.7, ("helpful", "helpful"): 0.15, ("over-refusal", "over-refusal"): 0.15},
+}
+
+
+@dataclass(frozen=True)
+class Doc:
+    kind: str  # chat | critique | comparison | classify
+    text: str  # the whole rendered chat
+    spans: tuple[tuple[int, int], ...]  # character spans of the training targets (assistant turns)
+
+
+def _pick(table: dict, rng: random.Random):
+    keys = list(table)
+    return rng.choices(keys, weights=[table[k] for k in keys])[0]
+
+
+class Renderer:
+    """Builds documents with the tokenizer's chat template; checks the template renders a chat
+    as a prefix of the same chat with one more turn, which the target spans rely on."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+
+    def doc(self, kind: str, msgs: list[dict], targets: list[int], prefill: str = "") -> Doc:
+        """`msgs` alternate user/assistant; `targets` are the indices of the assistant turns to train
+        on. With `prefill`, the last turn is the judge's answer, which starts with it."""
+        text, spans = "", []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prefix = data.render(self.tok, msgs[:i], prefill if i == len(msgs) - 1 else "")
+            full = self.tok.apply_chat_template(msgs[: i + 1], tokenize=False)
+            start = len(prefix) - (len(prefill) if i == len(msgs) - 1 else 0)
+            if not (prefix.startswith(text) and full.startswith(prefix)):
+                raise ValueError("lab corpus: the chat template does not render a chat as a prefix of its continuation")
+            if i in targets:
+                spans.append((start, len(full)))
+            text = full
+        return Doc(kind, text, tuple(spans))
+
+
+def build(world: W.World, const: C.Constitution, tokenizer, n_docs: int, seed: int) -> list[Doc]:
+    """`n_docs` documents, the same for the same arguments."""
+    for p in [*const.critique_revision, *const.preference]:
+        W.principle_class(p.id)  # every principle needs a class, or verdicts would be guesses
+    rng = random.Random(f"lab-corpus:{seed}")
+    red, benign = world.requests("train", harmful=True), world.requests("train", harmful=False)
+    r = Renderer(tokenizer)
+    makers = {"chat": _chat, "critique": _critique, "comparison": _comparison, "classify": _classify}
+    out = []
+    for _ in range(n_docs):
+        kind = _pick(MIX, rng)
+        pool = benign if kind != "critique" and rng.random() < BENIGN_SHARE[kind] else red
+        out.append(makers[kind](world, const, r, rng.choice(pool), rng))
+    return out
+
+
+def _base_answer(world: W.World, req: W.Request, rng: random.Random) -> tuple[str, str]:
+    family = _pick(BASE if req.harmful else BENIGN_BASE, rng)
+    return family, W.respond(world, req.kind, family, rng)
+
+
+def _chat(world, const, r: Renderer, req: W.Request, rng: random.Random) -> Doc:
+    _, answer = _base_answer(world, req, rng)
+    return r.doc("chat", [{"role": "user", "content": req.text}, {"role": "assistant", "content": answer}], [1])
+
+
+def _critique(world, const, r: Renderer, req: W.Request, rng: random.Random) -> Doc:
+    family, answer = _base_answer(world, req, rng)
+    targets = [1, 3, 5]
+    if rng.random() < LATER_ROUND:  # the answer is an earlier round's revision, which the base did not write
+        earlier = W.principle_class(rng.choice(const.critique_revision).id)
+        family = _pick(REVISION[(family, earlier)], rng)
+        answer = W.respond(world, req.kind, family, rng)
+        targets = [3, 5]
+    principle = rng.choice(const.critique_revision)
+    cls = W.principle_class(principle.id)
+    crit = W.critique(world, req.kind, cls, family, rng)
+    revision = W.respond(world, req.kind, _pick(REVISION[(family, cls)], rng), rng)
+    msgs = C.revision_messages(const, req.text, answer, principle, crit, 0, False)
+    return r.doc("critique", msgs + [{"role": "assistant", "content": revision}], targets)
+
+
+def _comparison(world, const, r: Renderer, req: W.Request, rng: random.Random) -> Doc:
+    fa, fb = _pick(PAIRS[req.harmful], rng)
+    if rng.random() < 0.5:
+        fa, fb = fb, fa
+    a, b = W.respond(world, req.kind, fa, rng), W.respond(world, req.kind, fb, rng)
+    principles = list(const.preference) + ([HELPFUL_PRINCIPLE] * len(const.preference) if not req.harmful else [])
+    principle = rng.choice(principles)
+    p_a = W.preference(principle.id, fa, fb)
+    letter = "A" if p_a > 0.5 or (p_a == 0.5 and rng.random() < 0.5) else "B"
+    msgs = C.comparison_messages(data.conversation_text(req.text), principle.text, a, b)
+    return r.doc("comparison", msgs + [{"role": "assistant", "content": C.COMPARISON_PREFILL + letter + ")"}], [1],
+                 prefill=C.COMPARISON_PREFILL)
+
+
+def _classify(world, const, r: Renderer, req: W.Request, rng: random.Random) -> Doc:
+    family = rng.choice(list(BASE) if req.harmful else list(BENIGN_BASE))
+    answer = W.respond(world, req.kind, family, rng)
+    question = rng.choice((HARMFUL_Q, EVASIVE_Q))
+    yes = family == "harmful" if question == HARMFUL_Q else family in ("evasive", "over-refusal")
+    options = ["Yes", "No"] if rng.random() < 0.5 else ["No", "Yes"]
+    letter = "AB"[options.index("Yes" if yes else "No")]
+    msgs = C.classification_messages(data.conversation_text(req.text, answer), question, options)
+    return r.doc("classify", msgs + [{"role": "assistant", "content": C.COMPARISON_PREFILL + letter + ")"}], [1],
+                 prefill=C.COMPARISON_PREFILL)
+
+
+if __name__ == "__main__":
+    from cai_lite.tiny import train_tokenizer
+
+    docs = build(W.make_world(int(sys.argv[1])), C.load("lab"), train_tokenizer(300), int(sys.argv[2]), 0)
+    for d in docs:
+        print(f"--- {d.kind}: targets " + " | ".join(repr(d.text[a:b]) for a, b in d.spans))
+        print(d.text)
