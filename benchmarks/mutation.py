@@ -48,7 +48,8 @@ T_JUDGES = "tests/test_judges.py::"
 GROUPS = {
     "losses": Group("cai_lite/losses.py", (
         T_RL + "test_soft_label_loss_matches_hand_computation", T_RL + "test_gae_and_ppo_losses_by_hand",
-        "tests/test_silent_defects.py::test_margin_loss_gives_ties_no_gradient", "tests/test_directions.py")),
+        "tests/test_silent_defects.py::test_margin_loss_gives_ties_no_gradient", "tests/test_directions.py",
+        "tests/test_losses.py")),
     "voting": Group("cai_lite/voting.py", (
         T_JUDGES + "test_both_orders_remove_a_planted_position_bias", T_JUDGES + "test_cot_probabilities_are_clamped",
         T_JUDGES + "test_voting_on_hand_made_inputs", T_JUDGES + "test_failures_are_kept_as_none",

@@ -92,49 +92,77 @@ def _rollout(mask, ended) -> rollout.Rollout:
 
 def test_ppo_step_rewards_kl_and_eos_penalty(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, "ppo.kl_coef=0.1", "ppo.kl_target=1.0", "ppo.kl_horizon=10", "ppo.missing_eos_penalty=0.5",
-               "ppo.gamma=1.0", "ppo.lam=1.0")
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    ro = _rollout(mask, [True, False])  # the second response hit the length cap
-    logps = {"policy": torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, 0.0]]),
-             "reference": torch.tensor([[-2.0, -1.5, -1.0], [-1.2, -1.0, 0.0]])}
-    seen = {}
-    monkeypatch.setattr(rollout, "sample", lambda base, adapter, prompts, *a: seen.setdefault("sample", adapter) and ro)
-    monkeypatch.setattr(rollout, "response_logprobs", lambda base, adapter, r, *a: logps[adapter].clone())
-    monkeypatch.setattr(rollout, "score", lambda *a: torch.tensor([3.0, 1.0]))
-    monkeypatch.setattr(rollout, "values", lambda base, r: torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]]))
-    monkeypatch.setattr(models, "role", _no_role)
-    monkeypatch.setattr(models, "training_mode", _no_role)
+               "ppo.gamma=1.0", "ppo.lam=1.0", "ppo.max_new_tokens=7", "ppo.temperature=0.9", "ppo.minibatch_size=4",
+               "generation.max_prompt_tokens=50")
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    ro = _rollout(mask, [True, False])  # the second response hit the length cap after one token
+    logps = {"policy": torch.tensor([[-1.0, -1.0, -1.0], [-1.0, 0.0, 0.0]]),
+             "reference": torch.tensor([[-2.0, -1.5, -1.5], [-1.2, 0.0, 0.0]])}
+    base, opt, params, seen = object(), object(), [], {}
+
+    def sample(b, adapter, prompts, *args):
+        seen["sample"] = (b, adapter, prompts, args)
+        return ro
+
+    def logprobs(b, adapter, r, *args):
+        assert b is base and r is ro and args == (0.9, 4)
+        return logps[adapter].clone()
+
+    def score(b, prompts, texts, *args):
+        seen["score"] = (b, prompts, texts, args)
+        return torch.tensor([3.0, 1.0])
+
+    def role(b, name):
+        seen.setdefault("roles", []).append((b, name))
+        return contextlib.nullcontext()
+
+    def values(b, r):
+        assert b is base and r is ro
+        return torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]])
+
+    monkeypatch.setattr(rollout, "sample", sample)
+    monkeypatch.setattr(rollout, "response_logprobs", logprobs)
+    monkeypatch.setattr(rollout, "score", score)
+    monkeypatch.setattr(rollout, "values", values)
+    monkeypatch.setattr(models, "role", role)
+    monkeypatch.setattr(models, "training_mode", lambda b: seen.update(training=b) or contextlib.nullcontext())
     gae = losses.gae
     monkeypatch.setattr(losses, "gae", lambda r, v, m, g, lam: seen.setdefault("gae", (r.clone(), v.clone())) and gae(
         r, v, m, g, lam))
 
-    def update(cfg_, base, ro_, old_logp, old_values, adv, returns, opt, params):
+    def update(cfg_, b, ro_, old_logp, old_values, adv, returns, opt_, params_):
+        assert cfg_ is cfg and b is base and ro_ is ro and opt_ is opt and params_ is params
         seen["update"] = (old_logp, old_values, adv, returns)
         return {"policy_loss": 2.0, "value_loss": 4.0, "clipfrac": 0.5, "entropy": 1.0}, 2
 
     monkeypatch.setattr(ppo, "_update", update)
     kl_ctl = ppo.KLController(0.1, 1.0, 10)
-    rec = ppo.ppo_step(cfg, None, ["p0", "p1"], {"mean": 1.0, "std": 2.0}, kl_ctl, None, [])
-    assert seen["sample"] == "policy"
+    rec = ppo.ppo_step(cfg, base, ["p0", "p1"], {"mean": 1.0, "std": 2.0}, kl_ctl, opt, params)
+    assert seen["sample"] == (base, "policy", ["p0", "p1"], (7, 0.9, 50))
+    assert seen["score"] == (base, ro.prompts, ro.texts, (4, 57))
+    assert seen["roles"] == [(base, "value")] and seen["training"] is base
     # KL per token = log pi - log ref on the sampled tokens; the reward is -0.1 * KL, plus the score on
     # the last real token: (raw - mean) / std, minus 0.5 for the response that did not end.
-    rewards, values = seen["gae"]
-    assert _close(rewards, [[-0.1, -0.05, 1.0], [-0.02, -0.5, 0.0]])
-    assert _close(values, [[0.1, 0.2, 0.3], [0.4, 0.5, 0.0]])  # padding has no value
+    rewards, values_ = seen["gae"]
+    assert _close(rewards, [[-0.1, -0.05, -0.05 + 1.0], [-0.02 - 0.5, 0.0, 0.0]])
+    assert _close(values_, [[0.1, 0.2, 0.3], [0.4, 0.0, 0.0]])  # padding has no value
     old_logp, old_values, adv, returns = seen["update"]
-    assert torch.equal(old_logp, logps["policy"]) and torch.equal(old_values, values)
+    assert torch.equal(old_logp, logps["policy"]) and torch.equal(old_values, values_)
     # gamma = lambda = 1: the return is the sum of the rewards still to come.
-    assert _close(returns, [[0.85, 0.95, 1.0], [-0.52, -0.5, 0.0]])
-    raw_adv = returns - values
+    assert _close(returns, [[0.8, 0.9, 0.95], [-0.52, 0.0, 0.0]])
+    raw_adv = returns - values_
     want = (raw_adv - losses.masked_mean(raw_adv, mask)) / losses.masked_mean(
         (raw_adv - losses.masked_mean(raw_adv, mask)) ** 2, mask).sqrt() * mask
     assert _close(adv, want.tolist(), 1e-5)
-    assert rec["kl"] == pytest.approx((1.5 + 0.2) / 2) and rec["kl_coef"] == 0.1
+    assert rec["kl"] == pytest.approx((2.0 + 0.2) / 2) and rec["kl_coef"] == 0.1
     assert rec["reward"] == pytest.approx(2.0) and rec["score_normalised"] == pytest.approx((1.0 - 0.5) / 2)
-    assert rec["response_length"] == 2.5 and rec["ended_with_eos"] == 0.5
+    assert rec["response_length"] == 2.0 and rec["ended_with_eos"] == 0.5
     assert rec["policy_loss"] == 1.0 and rec["value_loss"] == 2.0 and rec["clipfrac"] == 0.25
-    # KL 0.85 under the target 1.0: the controller lowers its coefficient, by 0.15 * 2 / 10.
-    assert kl_ctl.coef == pytest.approx(0.1 * (1 - 0.15 * 2 / 10))
+    # KL 1.1 over the target 1.0: the controller raises its coefficient, by 0.1 * 2 / 10.
+    assert kl_ctl.coef == pytest.approx(0.1 * (1 + 0.1 * 2 / 10))
+    # A reward model whose training scores had no spread: the normalised score keeps its sign.
+    rec = ppo.ppo_step(cfg, base, ["p0", "p1"], {"mean": 1.0, "std": 0.0}, kl_ctl, opt, params)
+    assert rec["score_normalised"] > 1e6
 
 
 class _Policy(torch.nn.Module):
@@ -395,51 +423,3 @@ def test_voting_edges_by_value():
     assert voting.agreement([[0.5], [0.9]]) is None and voting.agreement([[0.9]]) is None
     assert voting.agreement([[0.2, 0.2], [0.5, 0.7]]) == 0.0  # the second judge's tie is left out too
 
-
-# ---- the loss functions' remaining branches, by value -----------------------------------------
-
-def test_whiten_keeps_the_mean_when_asked_and_survives_a_constant():
-    x, m = torch.tensor([[1.0, 2.0, 3.0, 50.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    assert _close(losses.whiten(x, m, shift_mean=False)[:, :3], [[2 - 1.2247449, 2.0, 2 + 1.2247449]], 1e-5)
-    assert _close(losses.whiten(torch.full((1, 3), 7.0), torch.ones(1, 3)), [[0.0, 0.0, 0.0]])  # no 0/0
-
-
-def test_masked_mean_per_row():
-    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
-    m = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
-    assert _close(losses.masked_mean(x, m, dim=1), [1.5, 5.0, 0.0])  # an empty row gives 0, not NaN
-    assert losses.masked_mean(x, m).item() == pytest.approx(8.0 / 3)
-    assert losses.masked_mean(x, torch.zeros(3, 3)).item() == 0.0
-
-
-def test_hard_label_ties_and_dtypes():
-    r_a, r_b = torch.tensor([2.0, 2.0]), torch.tensor([0.0, 0.0])
-    # A tie (p = 0.5) is the label 0.5, not a win for A, also when the scores differ.
-    want = -(0.5 * F.logsigmoid(torch.tensor(2.0)) + 0.5 * F.logsigmoid(torch.tensor(-2.0))).item()
-    assert losses.hard_bt_loss(r_a[:1], r_b[:1], torch.tensor([0.5])).item() == pytest.approx(want)
-    assert losses.hard_bt_loss(r_a, r_b, torch.tensor([0.51, 0.49])).item() == pytest.approx(
-        -(F.logsigmoid(torch.tensor(2.0)) + F.logsigmoid(torch.tensor(-2.0))).item() / 2)
-    # The loss keeps the scores' precision (bf16 scores give a bf16 loss).
-    half = (r_a.bfloat16(), r_b.bfloat16(), torch.tensor([0.9, 0.1]))
-    assert losses.hard_bt_loss(*half).dtype == torch.bfloat16
-    assert losses.margin_bt_loss(*half[:2], half[2].bfloat16(), 1.0).dtype == torch.bfloat16
-
-
-def test_value_loss_clips_both_ways_and_squares():
-    def loss(v, old, ret, clip=0.5):
-        return losses.ppo_value_loss(torch.tensor([[v]]), torch.tensor([[old]]), torch.tensor([[ret]]),
-                                     torch.ones(1, 1), clip).item()
-
-    assert loss(-2.0, 0.0, -4.0) == pytest.approx(0.5 * 3.5 ** 2)  # clipped up to -0.5: the larger error wins
-    assert loss(2.0, 0.0, 4.0) == pytest.approx(0.5 * 3.5 ** 2)  # clipped down to 0.5
-    assert loss(2.0, 0.0, -1.0) == pytest.approx(0.5 * 3.0 ** 2)  # the unclipped error is the larger
-    assert loss(1.2, 1.0, 3.0) == pytest.approx(0.5 * 1.8 ** 2)  # inside the clip range: plain squared error
-
-
-def test_margin_grows_with_the_judges_confidence():
-    r_a, r_b = torch.tensor([1.0]), torch.tensor([0.0])
-    # p = 0.9: A chosen, margin 2 * |2 * 0.9 - 1| = 1.6; p = 0.3: B chosen, margin 2 * 0.4 = 0.8.
-    assert losses.margin_bt_loss(r_a, r_b, torch.tensor([0.9]), 2.0).item() == pytest.approx(
-        -F.logsigmoid(torch.tensor(1.0 - 1.6)).item())
-    assert losses.margin_bt_loss(r_a, r_b, torch.tensor([0.3]), 2.0).item() == pytest.approx(
-        -F.logsigmoid(torch.tensor(-1.0 - 0.8)).item())

@@ -326,3 +326,41 @@ def test_judge_panels_hash_without_their_speed_keys_too(tmp_path):
 def test_own_changes_of_a_record_without_config():
     snap = {"config": {"seed": 0, "sft": {"lr": 0.1}}}
     assert pipeline._own_changes({"stage": "sft"}, snap) == ["seed: None -> 0", "sft.lr: None -> 0.1"]
+
+
+def test_hash_is_of_the_sorted_snapshot(tmp_path):
+    """Hashes must not depend on dict order, or a stage.json written by another version would not match."""
+    import hashlib
+
+    p = pipeline.plan(_cfg(tmp_path, SL), TABLE)
+    for name, snap in p.snapshots.items():
+        want = hashlib.sha256(json.dumps(snap, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        assert p.hashes[name] == want
+
+
+def test_refusals_list_every_change_stale_input_and_reader(tmp_path):
+    every = "stages=[critique_revise,sft,label_preferences,dpo]"
+    cfg = _cfg(tmp_path, every)
+    p = pipeline.plan(cfg, TABLE)
+    _done(cfg, p, "critique_revise", "c1")
+    _done(cfg, p, "sft", "s1", critique_revise="c0")  # made from an older critique_revise
+    _done(cfg, p, "label_preferences", "l1", sft="s1")
+    _done(cfg, p, "dpo", "d1", sft="s0", label_preferences="l0")  # both its inputs remade since
+    with pytest.raises(ConfigError) as e:
+        pipeline.plan(_cfg(tmp_path, "stages=[label_preferences,dpo]"), TABLE)
+    assert e.value.errors == [f"sft: its output in {cfg.path} is out of date: its input critique_revise was remade "
+                              "after it ran, and label_preferences, dpo would read it; add sft to stages to redo it"]
+    with pytest.raises(ConfigError) as e:
+        pipeline.plan(_cfg(tmp_path, "stages=[sft,evaluate]"), TABLE)
+    assert f"dpo: its output in {cfg.path} is out of date: its input sft, label_preferences was remade after it " \
+           "ran, and evaluate would read it; add dpo to stages to redo it" in e.value.errors
+    with pytest.raises(ConfigError) as e:
+        pipeline.plan(_cfg(tmp_path, every, "critique_revise.rounds=3", "critique_revise.few_shot=2"), TABLE)
+    assert e.value.errors[0] == ("critique_revise: already done with other settings: critique_revise.few_shot: 1 -> 2; "
+                                 "critique_revise.rounds: 2 -> 3. Use force=[critique_revise] to redo it, or "
+                                 "run_name= for a new run")
+    with pytest.raises(ConfigError) as e:
+        pipeline.plan(_cfg(tmp_path, "stages=[sft]", "critique_revise.rounds=3", "critique_revise.few_shot=2"), TABLE)
+    assert e.value.errors == [f"critique_revise: its output in {cfg.path} is out of date: it was made with other "
+                              "settings (critique_revise.few_shot: 1 -> 2; critique_revise.rounds: 2 -> 3), and sft "
+                              "would read it; add critique_revise to stages to redo it"]
