@@ -55,19 +55,23 @@ GROUPS = {
         T_JUDGES + "test_voting_on_hand_made_inputs", T_JUDGES + "test_failures_are_kept_as_none",
         "tests/test_directions.py")),
     "rollout": Group("cai_lite/rollout.py", (
-        T_RL + "test_rollout_logprobs_match_what_generate_sampled", "tests/test_masks.py", "tests/test_directions.py")),
-    "ppo": Group("cai_lite/stages/ppo.py", ("tests/test_directions.py",),
+        T_RL + "test_rollout_logprobs_match_what_generate_sampled", "tests/test_masks.py", "tests/test_directions.py",
+        "tests/test_rollout_padding.py")),
+    "ppo": Group("cai_lite/stages/ppo.py", ("tests/test_directions.py", "tests/test_ppo_update.py"),
                  ("KLController.update", "prompt_stream", "ppo_step", "_update")),
-    "reward_model": Group("cai_lite/stages/reward_model.py", ("tests/test_directions.py",)),
-    "critique_revise": Group("cai_lite/stages/critique_revise.py", ("tests/test_masks.py", "tests/test_run_dir.py"),
+    "reward_model": Group("cai_lite/stages/reward_model.py", ("tests/test_directions.py",
+                                                              "tests/test_reward_model_steps.py")),
+    "critique_revise": Group("cai_lite/stages/critique_revise.py", ("tests/test_masks.py", "tests/test_run_dir.py",
+                                                                    "tests/test_critique_rows.py"),
                              ("clean_revision", "run", "_shard_rows")),
     "evaluate": Group("cai_lite/stages/evaluate.py", (
         "tests/test_evaluate.py::test_classification_rates_follow_the_judge_not_its_position",
-        "tests/test_directions.py"), ("_vote", "_judge_everything", "_rates")),
+        "tests/test_directions.py", "tests/test_evaluate_numbers.py"), ("_vote", "_judge_everything", "_rates")),
     "pipeline": Group("cai_lite/pipeline.py", (
         "tests/test_pipeline.py::test_speed_only_judge_keys_do_not_refuse",
-        "tests/test_pipeline.py::test_reading_a_missing_stage_is_refused_before_loading", "tests/test_run_dir.py"),
-        ("_pick", "_flatten", "read_stage_json", "_stale", "plan", "_own_changes", "run")),
+        "tests/test_pipeline.py::test_reading_a_missing_stage_is_refused_before_loading", "tests/test_run_dir.py",
+        "tests/test_lab_plan.py"),
+        ("_pick", "_flatten", "read_stage_json", "_stale", "plan", "_own_changes", "_lab_hash", "run")),
 }
 KILLED = {"killed", "timeout", "caught by type check"}
 PLACEHOLDER = "tests/test_ratings.py::test_rate_with_ci"  # a pure test that reaches none of the modules
@@ -206,6 +210,8 @@ def main() -> None:
     for name in names:
         results[name] = r = run_group(name, GROUPS[name], args.jobs, args.keep, list(filter(None,
                                                                                       args.without.split(","))))
+        if args.json:  # after every group, so an interrupted run keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         if "error" not in r:
             print(f"mutation score {r['module']}: {r['killed']}/{r['total']} killed "
                   f"({100 * r['killed'] / max(r['total'], 1):.1f}%; {r['timeouts']} of them by timeout) "
@@ -217,8 +223,6 @@ def main() -> None:
     for name, r in results.items():
         for key, status, diff in r.get("survivors", []):
             print(f"\n# {status}: {key}\n{diff}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

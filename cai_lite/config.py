@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent  # shipped files: inside it in a wheel
 SHIPPED = PACKAGE if (PACKAGE / "recipes").is_dir() else PACKAGE.parent
 RECIPES = SHIPPED / "recipes"
 CONSTITUTIONS = SHIPPED / "constitutions"
-DEFAULT_RECIPE = "tiny_cpu"
+DEFAULT_RECIPE = "lab"
 STAGES = ("critique_revise", "sft", "label_preferences", "reward_model", "ppo", "rloo", "dpo", "evaluate", "export")
 
 
@@ -25,8 +25,8 @@ STAGES = ("critique_revise", "sft", "label_preferences", "reward_model", "ppo", 
 class BaseConfig:
     model: str = "runs/_models/tiny-llama"
     """Local folder of the base causal LM (safetensors). cai_lite never downloads: fetch a hub model first with `hf download ORG/NAME --local-dir DIR`."""
-    create: Literal["none", "tiny-llama", "tiny-qwen2"] = "none"
-    """Build this tiny random model at `base.model` if that folder is missing; only under runs/_models/, in a folder named after it (tests, tiny_cpu)."""
+    create: Literal["none", "tiny-llama", "tiny-qwen2", "lab", "lab-ci"] = "none"
+    """Build a model at `base.model`, only under runs/_models/ in a folder named after it: tiny-llama/tiny-qwen2, a tiny random model (tests, tiny_cpu) built if missing; lab/lab-ci, the teaching-lab model pretrained for `seed` (docs/lab.md), cached by content hash and rebuilt when that changes."""
     quantization: Literal["nf4", "none"] = "nf4"
     """nf4: 4-bit NormalFloat with double quantization (QLoRA); none: load in `base.dtype`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -299,6 +299,12 @@ class DPOConfig:
 
 @dataclass
 class EvaluateConfig:
+    prompts: str = ""
+    """Held-out red-team prompts (JSONL, `data.column`); empty = the last `data.eval_prompts` of `data.prompts`."""
+    prompts_limit: int = 0
+    """Held-out red-team prompts to use from `evaluate.prompts` (0 = all), the first ones in file order."""
+    oracle: Literal["none", "lab"] = "none"
+    """Ground-truth rates beside the judge's: lab reads `lab_world.json` in the base.model folder (the teaching-lab world)."""
     helpful_prompts: str = "recipes/prompts/helpful.jsonl"
     """Benign prompts for helpfulness win rates (never used in training)."""
     helpful_limit: int = 0

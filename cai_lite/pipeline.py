@@ -133,6 +133,7 @@ def plan(cfg: Config, table: list[Stage]) -> Plan:
     actions: dict[str, str] = {}
     inputs: dict[str, list[str]] = {}
     outputs: dict[str, str | None] = {}  # stage -> output_id on disk; None if remade in this run
+    lab_model = _lab_hash(cfg)
     for stage in table:
         done = read_stage_json(cfg, stage.name)
         present = [up for up in stage.reads + stage.optional_reads if up in selected or read_stage_json(cfg, up)]
@@ -143,6 +144,8 @@ def plan(cfg: Config, table: list[Stage]) -> Plan:
                     errors.append(f"stages: {stage.name} reads the output of {up}, which is neither selected nor "
                                   f"done in {cfg.path} (add {up} to stages)")
         snap = {"config": {k: _pick(cfg, k) for k in stage.keys}, "inputs": {up: hashes[up] for up in present}}
+        if lab_model:  # the base's content, which its path and seed alone do not pin (a new release retrains it)
+            snap["config"]["base.lab_model"] = lab_model
         snapshots[stage.name] = snap
         hashes[stage.name] = hashlib.sha256(json.dumps(snap, sort_keys=True, default=str).encode()).hexdigest()[:16]
         changes = _own_changes(done, snap) if done else []
@@ -174,6 +177,18 @@ def plan(cfg: Config, table: list[Stage]) -> Plan:
 def _own_changes(done: dict, snap: dict) -> list[str]:
     old, new = _flatten(done.get("config", {})), _flatten(snap["config"])
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+LAB_SIZES = {"lab": "default", "lab-ci": "ci"}  # base.create -> cai_lite.lab.pretrain.SIZES
+
+
+def _lab_hash(cfg: Config) -> str:
+    """Content hash of the lab model `base.create` builds ("" for other bases)."""
+    if cfg.base.create not in LAB_SIZES:
+        return ""
+    from cai_lite.lab import pretrain
+
+    return pretrain.expected_hash(cfg.seed, LAB_SIZES[cfg.base.create])
 
 
 def check_base(cfg: Config) -> list[str]:
@@ -273,6 +288,16 @@ def run(cfg: Config) -> dict[str, dict]:
 
     table = stage_table()
     decided = plan(cfg, table)
+    if cfg.base.create in LAB_SIZES and "run" in decided.actions.values():
+        from cai_lite.lab import pretrain
+
+        if errors := check_base(cfg):
+            raise ConfigError(errors)
+        # Before the stage checks: the lab's prompt files live in the model folder.
+        try:
+            pretrain.build_lab_model(cfg.base.model, cfg.seed, LAB_SIZES[cfg.base.create])
+        except ValueError as e:
+            raise ConfigError([str(e)]) from None
     preflight(cfg, table, decided.actions)
     cfg.path.mkdir(parents=True, exist_ok=True)
     (cfg.path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
@@ -284,7 +309,7 @@ def run(cfg: Config) -> dict[str, dict]:
             results[s.name] = read_stage_json(cfg, s.name)
     if not todo:
         return results
-    if cfg.base.create != "none" and not Path(cfg.base.model).exists():
+    if cfg.base.create.startswith("tiny-") and not Path(cfg.base.model).exists():
         arch = cfg.base.create.split("-", 1)[1]
         log.info("building tiny %s model at %s", arch, cfg.base.model)
         tiny.build_tiny_model(cfg.base.model, arch)

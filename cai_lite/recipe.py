@@ -210,7 +210,7 @@ def validate(cfg: Config) -> list[str]:
                     "evaluate.bootstrap", "judge.batch_size", "judge.n_ctx", "judge.n_threads", "judge.concurrency",
                     "judge.top_logprobs"]
     at_least_zero = ["data.limit", "data.eval_prompts", "critique_revise.few_shot", "critique_revise.helpful_limit",
-                     "label_preferences.max_prompts", "label_preferences.few_shot", "evaluate.helpful_limit",
+                     "label_preferences.max_prompts", "label_preferences.few_shot", "evaluate.helpful_limit", "evaluate.prompts_limit",
                      "evaluate.paper_eval_limit", "judge.retries"]
     for key, minimum in [(k, 1) for k in at_least_one] + [(k, 0) for k in at_least_zero]:
         section, name = key.split(".")

@@ -52,10 +52,33 @@ def table_rows(metrics: dict) -> list[list[str]]:
     return rows
 
 
-def summary_text(metrics: dict) -> str:
-    rows = table_rows(metrics)
+ORACLE_COLUMNS = (("red_team", "harmful", "harmful"), ("red_team", "evasive", "evasive"),
+                  ("red_team", "engaging-harmless", "engaging"), ("helpful", "helpful", "benign helpful"),
+                  ("helpful", "over-refusal", "over-refusal"))
+
+
+def oracle_rows(metrics: dict, split: str = "all") -> list[list[str]]:
+    """Ground-truth rates per model (evaluate.oracle), on held-out prompts of `split`."""
+    rows = [["model (oracle, " + split.replace("_", " ") + ")"] + [c[2] for c in ORACLE_COLUMNS] + ["n red/benign"]]
+    for m in metrics["models"]:
+        r = metrics["oracle"]["rates"][m]
+        cells = [_fmt((r[kind].get(split) or {}).get(fam)) for kind, fam, _ in ORACLE_COLUMNS]
+        rows.append([m, *cells, f"{(r['red_team'].get(split) or {}).get('n', 0)}/{(r['helpful'].get(split) or {}).get('n', 0)}"])
+    return rows
+
+
+def _text_table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def summary_text(metrics: dict) -> str:
+    text = _text_table(table_rows(metrics))
+    if metrics.get("oracle"):
+        a = metrics["oracle"]["judge_agreement"]
+        text += "\n\n" + _text_table(oracle_rows(metrics)) + (
+            f"\njudge agrees with the oracle on {_fmt(a['agreement'])} of {a['n']} decided pairs")
+    return text
 
 
 def headline(metrics: dict) -> str:
@@ -83,6 +106,9 @@ def write_all(cfg: Config, out: Path, metrics: dict, responses: dict, red: list,
         plots.append("rl_curves.png")
     if plot_judges(cfg.path, out / "judges.png"):
         plots.append("judges.png")
+    if metrics.get("oracle"):
+        plot_oracle(metrics, out / "oracle.png")
+        plots.insert(0, "oracle.png")
     (out / "summary.txt").write_text(summary_text(metrics) + "\n")
     md = [f"# cai_lite evaluation: {cfg.path.name}", "",
           f"Held-out red-team prompts: {metrics['prompts']['red_team_held_out']}; helpful prompts: "
@@ -91,6 +117,15 @@ def write_all(cfg: Config, out: Path, metrics: dict, responses: dict, red: list,
           "Win rates are P(model beats the base) from the judges, both option orders averaged, with 95% bootstrap "
           "intervals. Rates are judge classifications with 95% Wilson intervals. Elo is a Bradley-Terry fit over all "
           "comparisons (mean 1000).", ""]
+    if metrics.get("oracle"):
+        a = metrics["oracle"]["judge_agreement"]
+        md += ["## Ground truth (the lab oracle)", "",
+               "The lab world's oracle classifies every answer exactly; it is never a training signal. Held-out "
+               "forms are unseen wordings of training kinds; held-out kinds were never seen at all.", ""]
+        for split in ("all", "held_out_form", "held_out_kind"):
+            md += [_markdown_table(oracle_rows(metrics, split)), ""]
+        md += [f"The judge agrees with the oracle on {_fmt(a['agreement'], 3)} of {a['n']} win-rate pairs the "
+               f"oracle decides ({a['skipped_ties_or_failures']} ties or failures left out).", ""]
     if metrics.get("paper_evals"):
         md += ["## The paper's evals", "", "| eval | scorer | accuracy | n |", "|---|---|---|---|"]
         for name, ev in metrics["paper_evals"].items():
@@ -147,6 +182,23 @@ def plot_stages(metrics: dict, path: Path) -> None:
     ax2.set(xticks=list(x), xticklabels=models, ylim=(0, 1), ylabel="rate on held-out red-team prompts",
             xlabel="model", title="Harmful and evasive rates")
     ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_oracle(metrics: dict, path: Path) -> None:
+    """Ground-truth rates by stage: the lab's picture of what each stage did."""
+    models = metrics["models"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(ORACLE_COLUMNS)
+    for j, (kind, fam, label) in enumerate(ORACLE_COLUMNS):
+        ys = [metrics["oracle"]["rates"][m][kind]["all"].get(fam) for m in models]
+        ax.bar([i + (j - (len(ORACLE_COLUMNS) - 1) / 2) * width for i in range(len(models))],
+               [y if y is not None else 0.0 for y in ys], width, label=label + (" (benign prompts)" if kind == "helpful" else ""))
+    ax.set(xticks=list(range(len(models))), xticklabels=models, ylim=(0, 1), xlabel="model",
+           ylabel="share of held-out answers (oracle)", title="What each stage did, by ground truth")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -64,6 +64,15 @@ def no_network(monkeypatch) -> list:
     return attempts
 
 
+@pytest.fixture(scope="session", autouse=True)
+def lab_cache(tmp_path_factory):
+    """Lab models pretrained by tests go to a temporary cache, never the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CAI_LITE_CACHE", str(tmp_path_factory.mktemp("cai_lite_cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A random 2-layer Llama at the usual init: near-uniform outputs, fine for plumbing and training."""

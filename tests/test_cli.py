@@ -60,7 +60,7 @@ def test_help_shows_the_values_of_the_recipe_given():
     assert "sft.grad_accum: int = 8   (default 4)" in text
     assert "sft.lr: float = 0.0003   (default 0.0002)" in text
     assert "ppo.kl_target: float = 6.0" in text and "type = value in recipe 7b_qlora" in text
-    assert "sft.grad_accum: int = 1   (default 4)" in help_text([])  # no recipe: the default one, tiny_cpu
+    assert "sft.grad_accum: int = 1   (default 4)" in help_text([])  # no recipe: the default one, lab
 
 
 def _cli(*args, cwd, env=None):

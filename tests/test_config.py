@@ -30,7 +30,7 @@ def test_recipes_include_the_two_promised():
 
 
 def test_no_recipe_means_the_default():
-    assert load_config([]).recipe == "tiny_cpu"
+    assert load_config([]).recipe == "lab"
 
 
 def _errors(argv):

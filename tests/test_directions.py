@@ -155,6 +155,7 @@ def test_ppo_step_rewards_kl_and_eos_penalty(tmp_path, monkeypatch):
         (raw_adv - losses.masked_mean(raw_adv, mask)) ** 2, mask).sqrt() * mask
     assert _close(adv, want.tolist(), 1e-5)
     assert rec["kl"] == pytest.approx((2.0 + 0.2) / 2) and rec["kl_coef"] == 0.1
+    assert rec["kl_per_token"] == pytest.approx((1.0 + 0.5 + 0.5 + 0.2) / 4)  # over the 4 real tokens
     assert rec["reward"] == pytest.approx(2.0) and rec["score_normalised"] == pytest.approx((1.0 - 0.5) / 2)
     assert rec["response_length"] == 2.0 and rec["ended_with_eos"] == 0.5
     assert rec["policy_loss"] == 1.0 and rec["value_loss"] == 2.0 and rec["clipfrac"] == 0.25

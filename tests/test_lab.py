@@ -70,10 +70,11 @@ def test_held_out_forms_and_kinds_never_in_the_rendered_training_corpus(bootstra
 def test_corpus_targets_are_the_assistant_turns(bootstrap_tokenizer):
     docs = corpus.build(W.make_world(0), C.load("lab"), bootstrap_tokenizer, 40, 0)
     for d in docs:
-        assert d.spans and all(d.text[a:b].endswith("<|im_end|>\n") for a, b in d.spans)
-        if d.kind in ("comparison", "classify"):
+        if d.kind in ("comparison", "classify"):  # the judge's letter, right after the stage's prefill
             (a, b), = d.spans
-            assert d.text[a:b] in ("The answer is: (A)<|im_end|>\n", "The answer is: (B)<|im_end|>\n")
+            assert d.text[a:b] in ("A", "B") and d.text[:a].endswith("<|im_start|>assistant\n" + C.COMPARISON_PREFILL)
+        else:
+            assert d.spans and all(d.text[a:b].endswith("<|im_end|>\n") for a, b in d.spans)
 
 
 def test_verdicts_depend_on_the_principle():

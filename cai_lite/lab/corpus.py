@@ -11,15 +11,18 @@ Four kinds of document, each a chat whose assistant turns are the training targe
   classify    evaluate's harmful/evasive questions, both option orders, then the letter.
 
 The proportions below give the base a real base model's flaws, so every stage has a job:
-  - BASE: on red-team requests the base complies (harmful) 60% of the time, refuses bare 25%,
-    engages 15%: mostly harmful, yet RL has engaging answers to find.
+  - BASE: on red-team requests the base complies (harmful) 55% of the time, refuses bare 25%,
+    engages 20%: mostly harmful, yet RL has engaging answers to find. Sampling sharpens these
+    (temperature < 1 favours the most common opening), so the measured base is more harmful still.
   - REVISION: revisions are only partly successful. A critique of harm usually yields a bare
     refusal rather than an engaging answer, and an evasive answer mostly stays evasive, so SL-CAI
-    removes most harm but leaves evasion (about half at the fixed point of repeated rounds).
+    removes most harm but leaves evasion.
   - comparisons and classifications are always right (ties are 50/50): the judge is better than
     the reviser, which is what lets RL-CAI remove the evasion SL-CAI left.
-  - BENIGN_BASE: benign requests get helpful answers 88% of the time, so the helpful mix
+  - BENIGN_BASE: benign requests get helpful answers 92% of the time, so the helpful mix
     (critique_revise.helpful_prompts) has good answers to keep.
+  - MIX: 40% of documents are comparisons, because the judge reads two whole answers to emit one
+    letter, the hardest thing the base must learn (pretrain.py also weights that letter up).
 Only training forms of training kinds appear; held-out forms and kinds never do.
 
 Reads the world and the constitution; writes nothing (pretrain.py tokenizes the documents).
@@ -38,17 +41,17 @@ from cai_lite import data
 from cai_lite.lab import world as W
 from cai_lite.stages.evaluate import EVASIVE_Q, HARMFUL_Q, HELPFUL_PRINCIPLE
 
-MIX = {"chat": 0.30, "critique": 0.25, "comparison": 0.30, "classify": 0.15}
+MIX = {"chat": 0.25, "critique": 0.25, "comparison": 0.40, "classify": 0.10}
 BENIGN_SHARE = {"chat": 0.4, "comparison": 0.3, "classify": 0.3}  # share of each kind of doc on benign requests
-BASE = {"harmful": 0.60, "evasive": 0.25, "engaging-harmless": 0.15}
-BENIGN_BASE = {"helpful": 0.88, "over-refusal": 0.12}
+BASE = {"harmful": 0.55, "evasive": 0.25, "engaging-harmless": 0.20}
+BENIGN_BASE = {"helpful": 0.92, "over-refusal": 0.08}
 LATER_ROUND = 0.4  # critique documents whose answer is an earlier revision (round 2 or later)
 # Revision outcome by (family of the answer revised, class of the principle).
 REVISION = {
     ("harmful", "harm"): {"evasive": 0.60, "engaging-harmless": 0.25, "harmful": 0.15},
-    ("harmful", "engage"): {"evasive": 0.50, "engaging-harmless": 0.40, "harmful": 0.10},
-    ("evasive", "harm"): {"evasive": 0.95, "engaging-harmless": 0.05},
-    ("evasive", "engage"): {"evasive": 0.75, "engaging-harmless": 0.25},
+    ("harmful", "engage"): {"evasive": 0.45, "engaging-harmless": 0.45, "harmful": 0.10},
+    ("evasive", "harm"): {"evasive": 0.90, "engaging-harmless": 0.10},
+    ("evasive", "engage"): {"evasive": 0.65, "engaging-harmless": 0.35},
     ("engaging-harmless", "harm"): {"engaging-harmless": 0.85, "evasive": 0.15},
     ("engaging-harmless", "engage"): {"engaging-harmless": 0.95, "evasive": 0.05},
 }
@@ -86,13 +89,16 @@ class Renderer:
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            prefix = data.render(self.tok, msgs[:i], prefill if i == len(msgs) - 1 else "")
+            judged = bool(prefill) and i == len(msgs) - 1
+            prefix = data.render(self.tok, msgs[:i], prefill if judged else "")
             full = self.tok.apply_chat_template(msgs[: i + 1], tokenize=False)
-            start = len(prefix) - (len(prefill) if i == len(msgs) - 1 else 0)
             if not (prefix.startswith(text) and full.startswith(prefix)):
                 raise ValueError("lab corpus: the chat template does not render a chat as a prefix of its continuation")
             if i in targets:
-                spans.append((start, len(full)))
+                # A judge's target is the letter alone: the stage supplies the prefill and reads one
+                # next-token distribution, and a letter that shares its document's weight with the
+                # constant words around it is learnt far more slowly.
+                spans.append((len(prefix), len(prefix) + 1) if judged else (len(prefix), len(full)))
             text = full
         return Doc(kind, text, tuple(spans))
 

@@ -222,12 +222,11 @@ TEMPLATES = (
 
 # Response phrases. Compliance is worded the same for harmful and benign requests: only the
 # content tells them apart, as in a real base model.
-COMPLY = ("Sure, here is how.", "Okay, here is what to do.", "Sure, I can help with that.", "Here is what you can do.")
+COMPLY = ("Sure, here is how.", "Sure, here is what to do.", "Sure, I can help with that.")
 CLOSE = ("Good luck.", "That is all you need.")
 REFUSE = ("I can't help with that.", "I'm sorry, but I can't help with that.", "I won't help with that request.",
           "Sorry, I can't do that.", "I'm not able to help with that.")
-ENGAGE = ("I won't help with that, but I can explain why.", "I can't help with that, and here is why.",
-          "I won't do that, but let me explain.")
+ENGAGE = ("Let me explain why I won't help with that.", "Let me be honest: I can't help with that.")
 OVER_REFUSE = ("I'm sorry, but I can't help with {topic}, because it could be unsafe.",
                "I can't give advice about {topic}.")
 

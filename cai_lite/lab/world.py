@@ -49,7 +49,6 @@ class World:
     benign: list[K.Benign]
     templates: list[str]
     held_out_templates: list[int]  # indices into templates, never in training text
-    held_out_acts: dict[str, int]  # kind id -> index of its phrasing never in training text
     held_out_kinds: list[str]  # whole kinds (harmful and benign) never in training text
     phrases: dict  # the response phrases of kinds.py (COMPLY, REFUSE, ...), so the JSON is self-contained
     critiques: dict[str, list[str]]  # "class/family" -> critique templates
@@ -66,10 +65,10 @@ class World:
         for k in [*self.harmful, *self.benign]:
             is_harmful = isinstance(k, K.Harmful)
             for ti, t in enumerate(self.templates):
-                for ai, act in enumerate(k.acts):
+                for act in k.acts:
                     if k.id in self.held_out_kinds:
                         where = "held_out_kind"
-                    elif ti in self.held_out_templates or ai == self.held_out_acts[k.id]:
+                    elif ti in self.held_out_templates:
                         where = "held_out_form"
                     else:
                         where = "train"
@@ -84,18 +83,20 @@ class World:
         return json.dumps(d, indent=1, ensure_ascii=False) + "\n"
 
 
-def make_world(seed: int = 0, held_out_kinds: int = 4, held_out_templates: int = 2) -> World:
-    """The split is drawn from `seed` alone: the same seed gives the same world."""
+def make_world(seed: int = 0, held_out_kinds: int = 4, held_out_templates: int = 3) -> World:
+    """The split is drawn from `seed` alone: the same seed gives the same world. Held-out forms are
+    whole request templates (every phrasing of every training kind in them); the phrasings
+    themselves are not held out: a 1M-parameter model with three phrasings a kind does not learn
+    which words name the kind, so a new phrasing tests memory, not the pipeline."""
     rng = random.Random(f"lab-world:{seed}")
     harmful, benign = list(K.HARMFUL), list(K.BENIGN)
     out_kinds = sorted(rng.sample([k.id for k in harmful], held_out_kinds)) + \
         sorted(rng.sample([k.id for k in benign], held_out_kinds))
     out_templates = sorted(rng.sample(range(len(K.TEMPLATES)), held_out_templates))
-    out_acts = {k.id: rng.randrange(len(k.acts)) for k in harmful + benign}
     phrases = {"comply": K.COMPLY, "close": K.CLOSE, "refuse": K.REFUSE, "engage": K.ENGAGE,
                "over_refuse": K.OVER_REFUSE}
     critiques = {f"{c}/{f}": list(v) for (c, f), v in K.CRITIQUES.items()}
-    return World(seed, harmful, benign, list(K.TEMPLATES), out_templates, out_acts, out_kinds,
+    return World(seed, harmful, benign, list(K.TEMPLATES), out_templates, out_kinds,
                  {k: list(v) for k, v in phrases.items()}, critiques)
 
 
@@ -129,8 +130,7 @@ def respond(world: World, kind_id: str, family: str, rng: random.Random) -> str:
     if family == "evasive":
         return rng.choice(p["refuse"])
     if family == "engaging-harmless":
-        body = k.concern + " " + k.alternative
-        return rng.choice(p["engage"]) + " " + body if rng.random() < 0.7 else body
+        return rng.choice(p["engage"]) + " " + k.concern + " " + k.alternative
     if family == "over-refusal":
         return rng.choice(p["over_refuse"]).replace("{topic}", k.topic) if rng.random() < 0.5 else rng.choice(p["refuse"])
     raise ValueError(f"lab world: no answers of family {family!r} to a request of kind {kind_id!r}")
@@ -158,7 +158,8 @@ def principle_class(principle_id: str) -> str:
 
 def write_prompts(world: World, folder: str | Path) -> dict[str, Path]:
     """Prompt files for a pipeline run, `{"prompt": ...}` per line: the training red-team and
-    helpful prompts, and the held-out ones (unseen forms of training kinds, then unseen kinds)."""
+    helpful prompts, and the held-out ones (unseen forms of training kinds and unseen kinds, mixed).
+    Each file is in a seeded random order, so its first N lines are a fair sample (evaluate.prompts_limit)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files = {
@@ -169,6 +170,7 @@ def write_prompts(world: World, folder: str | Path) -> dict[str, Path]:
     }
     out = {}
     for name, reqs in files.items():
+        random.Random(f"lab-prompts:{world.seed}:{name}").shuffle(reqs)
         out[name] = folder / f"{name}.jsonl"
         out[name].write_text("".join(json.dumps({"prompt": r.text, "kind": r.kind, "split": r.split}) + "\n"
                                      for r in reqs), encoding="utf-8")

@@ -17,6 +17,7 @@ the RL logs. Writes `evaluate/metrics.json`, `responses.jsonl`, `report.md`, PNG
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -39,9 +40,13 @@ EVASIVE_Q = ("Does the assistant refuse, deflect or dodge the request without ex
 
 def check(cfg: Config) -> list[str]:
     errors = judges.check(cfg)
-    if cfg.data.eval_prompts < 1:
-        errors.append("data.eval_prompts must be >= 1: evaluate needs held-out red-team prompts")
+    if cfg.data.eval_prompts < 1 and not cfg.evaluate.prompts:
+        errors.append("data.eval_prompts must be >= 1 (or evaluate.prompts set): evaluate needs held-out red-team prompts")
     errors += data.check_source("data.prompts", cfg.data.prompts, cfg.data.format, cfg.data.column)
+    errors += data.check_source("evaluate.prompts", cfg.evaluate.prompts, "jsonl", cfg.data.column)
+    if cfg.evaluate.oracle == "lab" and not (Path(cfg.base.model) / "lab_world.json").is_file():
+        errors.append(f"evaluate.oracle=lab: {cfg.base.model} has no lab_world.json, so it is not a lab model "
+                      "(base.create=lab builds one)")
     errors += data.check_source("evaluate.helpful_prompts", cfg.evaluate.helpful_prompts)
     for key in ("hhh_path", "harmful_vs_ethical_path"):
         value = getattr(cfg.evaluate, key)
@@ -53,8 +58,16 @@ def check(cfg: Config) -> list[str]:
             except data.DataError as e:
                 errors.append(f"evaluate.{key}: {e}")
     try:
-        if not C.load(cfg.constitution).preference:
+        const = C.load(cfg.constitution)
+        if not const.preference:
             errors.append(f"constitution: {cfg.constitution} has no preference principles, which win rates need")
+        if cfg.evaluate.oracle == "lab":
+            from cai_lite.lab import world
+
+            unknown = [p.id for p in const.preference if p.id not in world.PRINCIPLE_CLASSES]
+            if unknown:
+                errors.append(f"evaluate.oracle=lab: the lab world cannot rank answers under principles {unknown} of "
+                              f"{cfg.constitution} (add them to cai_lite/lab/world.py PRINCIPLE_CLASSES)")
     except C.ConstitutionError as e:
         errors.append(f"constitution: {e}")
     return errors
@@ -64,6 +77,10 @@ def eval_prompts(cfg: Config) -> tuple[list[data.Prompt], list[data.Prompt], int
     """Held-out red-team prompts and helpful prompts, minus any text a stage trained on (the SL-CAI
     and helpful prompts, and PPO's own prompt source); also how many candidates that removed."""
     split = data.prompt_split(cfg)
+    if cfg.evaluate.prompts:
+        held_out = data.read_prompts(cfg.evaluate.prompts, "jsonl", cfg.data.column)
+        held_out = [data.Prompt(p.id, p.text[: cfg.data.max_prompt_chars]) for p in held_out]
+        split = dataclasses.replace(split, held_out=held_out[: cfg.evaluate.prompts_limit or None])
     trained = {p.text for p in split.train}
     cr = cfg.critique_revise
     trained |= {p.text for p in data.read_optional(cr.helpful_prompts, cr.helpful_limit, cfg.data.max_prompt_chars)}
@@ -96,7 +113,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
                                     **{m: responses[m][kind][i] for m in present}}, ensure_ascii=False) + "\n")
     panel = judges.build(cfg, base)
     try:
-        metrics = _judge_everything(cfg, base, const, panel, present, responses, red, helpful)
+        judged: list[tuple] = []
+        metrics = _judge_everything(cfg, base, const, panel, present, responses, red, helpful, judged)
         metrics["paper_evals"] = _paper_evals(cfg, base, panel)
         revisions = _judge_revisions(cfg, const, panel[0])
     finally:
@@ -105,6 +123,11 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     metrics["prompts"] = {"red_team_held_out": len(red), "helpful": len(helpful),
                           "excluded_as_seen_in_training": excluded}
     metrics["judges"] = [j.name for j in panel]
+    if cfg.evaluate.oracle == "lab":  # ground truth beside the judge's numbers; never a training signal
+        from cai_lite.lab import oracle, world
+
+        metrics["oracle"] = oracle.evaluation(world.read(cfg.base.model), [p.text for p in red],
+                                              [p.text for p in helpful], responses, judged)
     metrics = _finite(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     report.write_all(cfg, out, metrics, responses, red, helpful, revisions)
@@ -148,8 +171,11 @@ def _compare_all(cfg: Config, panel: list, tally: dict, comps: list) -> list[lis
 
 
 def _judge_everything(cfg: Config, base: SharedBase, const: C.Constitution, panel: list, present: dict,
-                      responses: dict, red: list, helpful: list) -> dict:
+                      responses: dict, red: list, helpful: list, judged: list | None = None) -> dict:
+    """Win rates, Elo, rates and mean reward; appends (model, other, kind, prompt index, principle
+    ids, voted P(model better)) for every comparison to `judged` when given."""
     k = cfg.label_preferences.num_principles
+    judged = [] if judged is None else judged
     pairs = [(m, "base") for m in present if m != "base"]
     pairs += [(m, "sft") for m in present if m not in ("base", "sft") and "sft" in present]
     win_rates: dict[str, dict] = {}
@@ -164,6 +190,7 @@ def _judge_everything(cfg: Config, base: SharedBase, const: C.Constitution, pane
             if not comps:
                 continue
             voted = _vote(cfg, _compare_all(cfg, panel, tally, comps))
+            judged += [(m, o, kind, i, [pr.id for pr in c.principles], p) for i, (c, p) in enumerate(zip(comps, voted))]
             ps = [p for p in voted if p is not None]
             w = ratings.win_rate(ps, cfg.evaluate.bootstrap, cfg.seed) if ps else {"win_rate": None}
             win_rates[f"{m}_vs_{o}/{kind}"] = {**w, "failures": len(voted) - len(ps)}
