@@ -57,21 +57,22 @@ def test_hh_rlhf_prompts(tmp_path, tiny_llama):
 
 
 def test_kill_between_shards_and_resume(tmp_path, tiny_llama):
-    args = [f"run_dir={tmp_path / 'kill'}", f"base.model={tiny_llama}", "base.create=none", "stages=[critique_revise]",
-            "critique_revise.shard_size=2", "data.limit=12", "critique_revise.helpful_prompts=",
-            "generation.max_new_tokens=96", "critique_revise.rounds=2"]
+    args = ["recipe=tiny_cpu", f"run_dir={tmp_path / 'kill'}", f"base.model={tiny_llama}", "base.create=none",
+            "stages=[critique_revise]", "critique_revise.shard_size=2", "data.limit=12",
+            "critique_revise.helpful_prompts=", "generation.max_new_tokens=96", "critique_revise.rounds=2"]
     out = tmp_path / "kill" / "critique_revise"
     proc = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while not (out / "part-00000.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
+    assert proc.poll() is None, f"run.py exited with {proc.returncode} before it was killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "stage.json").exists(), "the stage finished before the kill; the test proved nothing"
     kept = sorted(p.name for p in out.glob("part-*.jsonl"))
     assert 1 <= len(kept) < 6
-    cfg = tiny_config(tmp_path / "kill", tiny_llama, *args[3:])
+    cfg = tiny_config(tmp_path / "kill", tiny_llama, *args[4:])
     result = pipeline.run(cfg)
     rows = data.read_shards(out)
     assert len(rows) == 12 and len({r["id"] for r in rows}) == 12
