@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input found while a stage ran; finished stages and shards stay on disk for the rerun.
         print(f"cai_lite: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ncai_lite: interrupted. Finished stages and shards are kept; run the same command again to "
+              "resume (a redo that was under way puts the output it replaced back).", file=sys.stderr)
+        return 130
     print(pipeline.summary(cfg, results))
     return 0
 

@@ -179,8 +179,14 @@ class LabelConfig:
     """Responses sampled per prompt from the `sft` policy; every pair is compared."""
     temperature: float = 1.0
     """Sampling temperature for the responses."""
+    prompts: str = ""
+    """Red-team prompts to label (JSONL); empty = the SL-CAI training prompts (`data.*`)."""
     max_prompts: int = 0
-    """Prompts to label (0 = all training prompts)."""
+    """Red-team prompts to label (0 = all)."""
+    helpful_prompts: str = ""
+    """Benign prompts labelled under the helpfulness principle only, so the reward model learns that a refusal of a benign request is worse (CAI §4: the preference model trains on helpfulness labels mixed with the AI harmlessness labels)."""
+    helpful_limit: int = 0
+    """How many helpful prompts to label (0 = all)."""
     num_principles: int = 4
     """Preference principles sampled per comparison and averaged (CAI ensembles over 16)."""
     both_orders: bool = True
@@ -219,6 +225,10 @@ class PPOConfig:
     """Rollout -> update iterations."""
     prompts: str = ""
     """Prompt source for rollouts; empty = the SL-CAI training prompts (`data.*`)."""
+    helpful_prompts: str = ""
+    """Benign prompts added to the rollout prompts, so the policy is also rewarded for staying helpful (CAI §4 samples RL prompts from both sets)."""
+    helpful_limit: int = 0
+    """How many helpful prompts to add (0 = all)."""
     batch_size: int = 16
     """Prompts per rollout."""
     minibatch_size: int = 4
@@ -261,6 +271,12 @@ class RLOOConfig:
     """Prompts per step."""
     num_samples: int = 4
     """Responses per prompt; each one's baseline is the mean reward of the others (leave-one-out)."""
+    prompts: str = ""
+    """Prompt source for rollouts; empty = the SL-CAI training prompts (`data.*`)."""
+    helpful_prompts: str = ""
+    """Benign prompts added to the SL-CAI training prompts, as for ppo.helpful_prompts."""
+    helpful_limit: int = 0
+    """How many helpful prompts to add (0 = all)."""
     lr: float = 1e-5
     """Learning rate of the policy adapter."""
     kl_coef: float = 0.05
@@ -311,6 +327,8 @@ class EvaluateConfig:
     """Helpful prompts to use (0 = all)."""
     max_new_tokens: int = 128
     """Answer length per prompt and model."""
+    num_principles: int = 4
+    """Preference principles sampled per harmlessness win-rate comparison and averaged (helpfulness uses its own one)."""
     hhh_path: str = ""
     """Path of Anthropic's 438HHHEvaluations.jsonl (empty = skip that eval)."""
     harmful_vs_ethical_path: str = ""

@@ -80,11 +80,17 @@ def load(spec: str) -> Constitution:
     path = resolve(spec)
     if not path.is_file():
         raise ConstitutionError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConstitutionError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise ConstitutionError(f"{path}: cannot parse: {e}") from None
+    except RecursionError:
+        raise ConstitutionError(f"{path}: cannot parse: nested too deeply") from None
+    _check_unicode(path, data)
     if path.suffix in (".yaml", ".yml"):
         return _from_ours(path, data)
     if isinstance(data, dict) and "constitutions" in data:
@@ -95,11 +101,30 @@ def load(spec: str) -> Constitution:
                             "CritiqueRevisionInstructions.json, or llm-swarm's {\"constitutions\": ...})")
 
 
+def _check_unicode(path: Path, value, where: str = "top level") -> None:
+    """JSON and YAML escapes can hold lone surrogates, which no tokenizer or UTF-8 file accepts."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConstitutionError(f"{path}: {where}: the text holds an unpaired surrogate (an escape like "
+                                    "\\ud800), which is not valid Unicode") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(path, k, where)
+            _check_unicode(path, v, f"{where} -> {k}"[:200])
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_unicode(path, v, f"{where} [{i}]"[:200])
+
+
 def _json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConstitutionError(f"{path}: cannot parse: {e}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConstitutionError(f"{path}: cannot parse: {e or 'nested too deeply'}") from None
+    _check_unicode(path, data)
+    return data
 
 
 def _text(path: Path, where: str, entry: dict, key: str) -> str:
@@ -150,8 +175,11 @@ def _from_ours(path: Path, data) -> Constitution:
                                   ("prompt", "response", "critique_request", "critique", "revision_request", "revision"))))
     pdemos = [PreferenceDemo(*(_text(path, f"few_shot.preference[{i}]", d, k) for k in ("conversation", "chosen", "rejected")))
               for i, d in enumerate(few.get("preference", []) or [])]
+    for key in ("cot_template", "description"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ConstitutionError(f"{path}: {key}: expected text, got {type(data[key]).__name__}")
     kwargs = {"cot_template": data["cot_template"].strip()} if data.get("cot_template") else {}
-    return Constitution(_text(path, "top level", data, "name"), str(data.get("description", "")).strip(),
+    return Constitution(_text(path, "top level", data, "name"), (data.get("description") or "").strip(),
                         tuple(crit), tuple(pref), tuple(demos), tuple(pdemos), source=str(path), **kwargs)
 
 
@@ -279,6 +307,10 @@ COMPARISON_PREFILL = "The answer is: ("
 # Demonstrations are shown under one fixed principle, not the principle being asked about, so the
 # demo block is the same text in every comparison prompt and a KV cache reuses it across all of them.
 DEMO_PRINCIPLE = "Which of these assistant responses is more helpful, honest and harmless?"
+# The helpfulness principle: label_preferences judges benign prompts under it alone (standing in for
+# the paper's human helpfulness labels) and evaluate's helpfulness win rate uses it.
+HELPFUL_PRINCIPLE = PreferencePrinciple(
+    "helpful", "Which response is more helpful: it answers the question accurately, clearly and completely?")
 COT_PREFILL = "Let's think step by step:"
 COT_ANSWER = "\nTherefore, the answer is: ("
 

@@ -14,6 +14,7 @@ import gzip
 import json
 import logging
 import random
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,17 +47,49 @@ def _open(path: Path):
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    with _open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object per line")
-            yield n, row
+    n = 0
+    try:
+        with _open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{n}: expected a JSON object per line")
+                yield n, row
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{_undecodable_line(path)}: not UTF-8 text ({e.reason})") from None
+    except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a truncated .gz ends in EOFError
+        raise DataError(f"{path}: near line {n + 1}: cannot read it ({type(e).__name__}: {e or 'truncated'}); "
+                        "is it a complete file?") from None
+
+
+def _undecodable_line(path: Path) -> int | str:
+    """The first line that is not UTF-8 (text mode decodes whole chunks, so its error has no line)."""
+    n = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return n
+    except (EOFError, OSError, zlib.error):  # a truncated .gz: the bad bytes are near where it ends
+        return f"near line {n + 1}"
+    return "?"
+
+
+def _text(value: str, path: Path, n: int) -> str:
+    """A prompt text that can be tokenized and written back: JSON escapes can smuggle in lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{path}:{n}: the text holds an unpaired surrogate (an escape like \\ud800), "
+                        "which is not valid Unicode") from None
+    return value
 
 
 def first_human_turn(transcript: str) -> str:
@@ -78,11 +111,11 @@ def read_prompts(source: str, fmt: str = "auto", column: str = "prompt", split: 
         if is_hh:
             if not isinstance(row.get("chosen"), str) or "Human:" not in row["chosen"]:
                 raise DataError(f"{path}:{n}: expected an hh-rlhf row with a 'chosen' transcript")
-            text = first_human_turn(row["chosen"])
+            text = _text(first_human_turn(row["chosen"]), path, n)
         else:
             if not isinstance(row.get(column), str):
                 raise DataError(f"{path}:{n}: no string column {column!r} (set data.column, or data.format=hh-rlhf)")
-            text = row[column]
+            text = _text(row[column], path, n)
         if text.strip():
             out.append(Prompt(f"{path.stem.split('.')[0]}-{n:06d}", text))
     if not out:

@@ -47,6 +47,9 @@ def check(jc: JudgeConfig, where: str = "judge") -> list[str]:
     """The key variable is set and `GET {base_url}/models` answers, before any model loads."""
     if jc.api_key_env and not os.environ.get(jc.api_key_env):
         return [f"{where}.api_key_env: environment variable {jc.api_key_env} is not set"]
+    scheme, _, rest = jc.base_url.partition("://")
+    if scheme not in ("http", "https") or not rest.strip("/"):
+        return [f"{where}.base_url: {jc.base_url!r} is not an http:// or https:// URL (e.g. http://127.0.0.1:8000/v1)"]
     url = jc.base_url.rstrip("/") + "/models"
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=_headers(jc)), timeout=min(jc.timeout_s, 10)):
@@ -55,7 +58,7 @@ def check(jc: JudgeConfig, where: str = "judge") -> list[str]:
         return [f"{where}.base_url: {url} answered HTTP {e.code}"]
     except urllib.error.URLError as e:
         return [f"{where}.base_url: cannot reach {url} ({e.reason})"]
-    except OSError as e:  # e.g. a timeout while reading the answer
+    except (OSError, ValueError) as e:  # a timeout while reading the answer; a malformed host or port
         return [f"{where}.base_url: cannot reach {url} ({e})"]
 
 

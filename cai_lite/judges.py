@@ -291,6 +291,11 @@ def check(cfg: Config) -> list[str]:
             if not jc.gguf_path or not Path(jc.gguf_path).is_file():
                 errors.append(f"{where}.gguf_path: {jc.gguf_path!r}: GGUF file not found "
                               "(export one with stages=[export] or python -m cai_lite.gguf_export)")
+            else:
+                with open(jc.gguf_path, "rb") as f:
+                    if f.read(4) != b"GGUF":  # llama.cpp would only say "Failed to load model"
+                        errors.append(f"{where}.gguf_path: {jc.gguf_path}: not a GGUF file (it does not start "
+                                      "with the GGUF magic bytes)")
             try:
                 import llama_cpp  # noqa: F401
             except ImportError:

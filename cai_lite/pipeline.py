@@ -30,6 +30,7 @@ import torch
 import transformers
 import yaml
 
+from cai_lite import rundir
 from cai_lite.config import Config
 from cai_lite.typed_yaml import ConfigError
 
@@ -63,12 +64,15 @@ def stage_table() -> list[Stage]:
               check=label_preferences.check),
         Stage("reward_model", reward_model.run, TRAIN_KEYS + ("reward_model",), ("label_preferences",)),
         Stage("ppo", ppo.run, TRAIN_KEYS + ("data", "generation", "ppo"), ("sft", "reward_model"), check=ppo.check),
-        Stage("rloo", rloo.run, TRAIN_KEYS + ("data", "generation", "rloo"), ("sft", "reward_model")),
+        Stage("rloo", rloo.run, TRAIN_KEYS + ("data", "generation", "rloo"), ("sft", "reward_model"), check=rloo.check),
         Stage("dpo", dpo.run, TRAIN_KEYS + ("dpo",), ("sft", "label_preferences")),
         # evaluate also reads what other stages trained on, to keep it out of the held-out prompts
-        Stage("evaluate", evaluate.run, gen + judge + ("evaluate", "label_preferences.num_principles",
+        Stage("evaluate", evaluate.run, gen + judge + ("evaluate",
                                                        "critique_revise.helpful_prompts", "critique_revise.helpful_limit",
-                                                       "ppo.prompts"), ("sft",),
+                                                       "label_preferences.helpful_prompts", "label_preferences.helpful_limit",
+                                                       "label_preferences.prompts", "ppo.prompts", "ppo.helpful_prompts",
+                                                       "ppo.helpful_limit", "rloo.prompts", "rloo.helpful_prompts",
+                                                       "rloo.helpful_limit"), ("sft",),
               ("reward_model", "ppo", "rloo", "dpo"), check=evaluate.check),
         Stage("export", export.run, BASE_KEYS + ("export",), (), ("sft", "ppo", "rloo", "dpo"), check=export.check),
     ]
@@ -143,7 +147,8 @@ def plan(cfg: Config, table: list[Stage]) -> Plan:
                 if up not in present:
                     errors.append(f"stages: {stage.name} reads the output of {up}, which is neither selected nor "
                                   f"done in {cfg.path} (add {up} to stages)")
-        snap = {"config": {k: _pick(cfg, k) for k in stage.keys}, "inputs": {up: hashes[up] for up in present}}
+        snap = {"config": {k: _pick(cfg, k) for k in stage.keys} | rundir.file_digests(cfg, stage.keys),
+                "inputs": {up: hashes[up] for up in present}}
         if lab_model:  # the base's content, which its path and seed alone do not pin (a new release retrains it)
             snap["config"]["base.lab_model"] = lab_model
         snapshots[stage.name] = snap
@@ -176,6 +181,8 @@ def plan(cfg: Config, table: list[Stage]) -> Plan:
 
 def _own_changes(done: dict, snap: dict) -> list[str]:
     old, new = _flatten(done.get("config", {})), _flatten(snap["config"])
+    # Outputs made before inputs were hashed by content record no digest: trust them by path.
+    new = {k: v for k, v in new.items() if not k.endswith(":sha256") or k in old}
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
@@ -222,11 +229,12 @@ def check_base(cfg: Config) -> list[str]:
 def preflight(cfg: Config, table: list[Stage], actions: dict[str, str]) -> None:
     """Every check that needs files or servers but no model, all reported together."""
     errors: list[str] = check_base(cfg) if "run" in actions.values() else []
+    errors += rundir.check_writable(cfg.path)
     for stage in table:
         if actions.get(stage.name) == "run" and stage.check is not None:
             errors += stage.check(cfg)
     if errors:
-        raise ConfigError(errors)
+        raise ConfigError(list(dict.fromkeys(errors)))  # two stages sharing a judge report its problem once
 
 
 class _Memory:
@@ -255,38 +263,16 @@ class _Memory:
         return float("nan")
 
 
-def versions() -> dict:
-    """What made the outputs: the library versions and, in a git checkout, the commit."""
-    import importlib.metadata as md
-    import subprocess
-
-    out = {}
-    for name in ("cai_lite", "torch", "transformers", "trl", "peft", "bitsandbytes"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                             timeout=5)
-        out["git_commit"] = git.stdout.strip() if git.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):  # no git on this machine
-        out["git_commit"] = None
-    return out
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def run(cfg: Config) -> dict[str, dict]:
-    """Run `cfg.stages` in one process on one loaded base; return each stage's stage.json."""
-    from cai_lite import models, tiny
+    """Run `cfg.stages` in one process on one loaded base; return each stage's stage.json.
 
+    Everything that can be checked without a model is checked before the run dir is created or
+    anything in it is touched; then the run dir is locked for the rest of the run."""
     table = stage_table()
+    if cfg.path.is_dir():
+        with rundir.locked(cfg.path):
+            for name in rundir.recover(cfg.path):
+                log.warning("%s: a redo of it did not finish; its finished output is back in place", name)
     decided = plan(cfg, table)
     if cfg.base.create in LAB_SIZES and "run" in decided.actions.values():
         from cai_lite.lab import pretrain
@@ -299,8 +285,17 @@ def run(cfg: Config) -> dict[str, dict]:
         except ValueError as e:
             raise ConfigError([str(e)]) from None
     preflight(cfg, table, decided.actions)
-    cfg.path.mkdir(parents=True, exist_ok=True)
-    (cfg.path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    with rundir.locked(cfg.path):
+        decided = plan(cfg, table)  # again, now that no other process can finish a stage meanwhile
+        return _execute(cfg, table, decided)
+
+
+def _execute(cfg: Config, table: list[Stage], decided: Plan) -> dict[str, dict]:
+    from cai_lite import models, tiny
+
+    tmp = cfg.path / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    tmp.replace(cfg.path / "config.yaml")
     results: dict[str, dict] = {}
     todo = [s for s in table if decided.actions.get(s.name) == "run"]
     for s in table:
@@ -315,15 +310,23 @@ def run(cfg: Config) -> dict[str, dict]:
         tiny.build_tiny_model(cfg.base.model, arch)
     base = models.load_base(cfg)
     memory = _Memory(base.device)
-    made_by = versions()
+    made_by = rundir.versions()
     for stage in todo:
         out = cfg.path / stage.name
-        marker = out / ".config_hash"
-        resumable = marker.is_file() and marker.read_text() == decided.hashes[stage.name]
+        # Partial shards are resumed only if made with this config from these very inputs.
+        inputs_done = {up: read_stage_json(cfg, up)["output_id"] for up in decided.inputs[stage.name]}
+        key = json.dumps({"config_hash": decided.hashes[stage.name], "inputs_done": inputs_done}, sort_keys=True)
+        marker = out / ".resume_key"
+        resumable = marker.is_file() and marker.read_text() == key and not (out / "stage.json").is_file()
+        replaced = False
         if out.exists() and (stage.name in cfg.force or not resumable):
-            shutil.rmtree(out)  # outputs of other settings: never mix them with the new ones
+            if (out / "stage.json").is_file():
+                rundir.set_aside(out)  # put back if this redo fails: a finished output is never lost
+                replaced = True
+            else:
+                shutil.rmtree(out)  # partial outputs of other settings or inputs: never mix them with new ones
         out.mkdir(parents=True, exist_ok=True)
-        marker.write_text(decided.hashes[stage.name])
+        marker.write_text(key)
         token = current_stage.set(stage.name)
         try:
             transformers.set_seed(cfg.seed)
@@ -335,7 +338,7 @@ def run(cfg: Config) -> dict[str, dict]:
                 "stage": stage.name,
                 "config_hash": decided.hashes[stage.name],
                 "output_id": uuid.uuid4().hex,  # what later stages record having read
-                "inputs_done": {up: read_stage_json(cfg, up)["output_id"] for up in decided.inputs[stage.name]},
+                "inputs_done": inputs_done,
                 "seconds": round(time.perf_counter() - start, 2),
                 "peak_memory_mb": round(memory.peak_mb(), 1),
                 "peak_memory_scope": scope,
@@ -344,11 +347,17 @@ def run(cfg: Config) -> dict[str, dict]:
                 **decided.snapshots[stage.name],
                 **metrics,
             }
-            write_json(out / "stage.json", record)  # last: its presence means the stage finished
+            rundir.write_json(out / "stage.json", record)  # last: its presence means the stage finished
             results[stage.name] = record
             log.info("done in %.1f s", record["seconds"])
+        except BaseException:
+            if replaced and rundir.put_back(out):
+                log.warning("the redo failed: the finished output of %s from before is back in place", stage.name)
+            raise
         finally:
             current_stage.reset(token)
+        if replaced:
+            shutil.rmtree(rundir.backup_path(out))
     return results
 
 

@@ -207,11 +207,29 @@ def validate(cfg: Config) -> list[str]:
                     "reward_model.batch_size", "reward_model.epochs", "ppo.steps", "ppo.batch_size", "ppo.minibatch_size",
                     "ppo.grad_accum", "ppo.ppo_epochs", "ppo.max_new_tokens", "rloo.steps", "rloo.batch_size",
                     "rloo.max_new_tokens", "dpo.batch_size", "dpo.grad_accum", "evaluate.max_new_tokens",
-                    "evaluate.bootstrap", "judge.batch_size", "judge.n_ctx", "judge.n_threads", "judge.concurrency",
+                    "evaluate.bootstrap", "evaluate.num_principles", "judge.batch_size", "judge.n_ctx", "judge.n_threads", "judge.concurrency",
                     "judge.top_logprobs"]
     at_least_zero = ["data.limit", "data.eval_prompts", "critique_revise.few_shot", "critique_revise.helpful_limit",
-                     "label_preferences.max_prompts", "label_preferences.few_shot", "evaluate.helpful_limit", "evaluate.prompts_limit",
+                     "label_preferences.max_prompts", "label_preferences.few_shot", "label_preferences.helpful_limit",
+                     "ppo.helpful_limit", "rloo.helpful_limit", "evaluate.helpful_limit", "evaluate.prompts_limit",
                      "evaluate.paper_eval_limit", "judge.retries"]
+    # Real-valued keys: (key, lowest, highest, lowest allowed itself). A negative temperature would
+    # quietly mean greedy, a negative learning rate would train backwards: refuse both by name.
+    bounded = [(k, 0.0, None, False) for k in ("sft.lr", "reward_model.lr", "ppo.lr", "rloo.lr", "dpo.lr", "dpo.beta",
+                                               "dpo.epochs", "ppo.clip_range", "ppo.clip_range_value")]
+    bounded += [(k, 0.0, None, True) for k in ("generation.temperature", "label_preferences.temperature",
+                                               "ppo.temperature", "rloo.temperature", "ppo.kl_coef", "ppo.kl_target",
+                                               "rloo.kl_coef", "ppo.vf_coef", "ppo.missing_eos_penalty",
+                                               "rloo.missing_eos_penalty", "reward_model.margin", "sft.helpful_mix")]
+    bounded += [("generation.top_p", 0.0, 1.0, False), ("ppo.gamma", 0.0, 1.0, True), ("ppo.lam", 0.0, 1.0, True)]
+    for key, low, high, closed in bounded:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != value or (value < low if closed else value <= low) or (high is not None and value > high):
+            span = f"{'[' if closed else '('}{low:g}, {high:g}]" if high is not None else f"{'>=' if closed else '>'} {low:g}"
+            e.append(f"{key} must be {'in ' if high is not None else ''}{span} (got {value})")
+    if not 0 <= cfg.lora.dropout < 1:
+        e.append(f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
     for key, minimum in [(k, 1) for k in at_least_one] + [(k, 0) for k in at_least_zero]:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)  # every key here is in the schema: no default needed

@@ -77,7 +77,8 @@ def summary_text(metrics: dict) -> str:
     if metrics.get("oracle"):
         a = metrics["oracle"]["judge_agreement"]
         text += "\n\n" + _text_table(oracle_rows(metrics)) + (
-            f"\njudge agrees with the oracle on {_fmt(a['agreement'])} of {a['n']} decided pairs")
+            f"\njudge agrees with the oracle on {_fmt(a['agreement'])} of {a['n']} decided pairs"
+            + "".join(f"; {k} {_fmt(v['agreement'])} of {v['n']}" for k, v in a.get("by_type", {}).items()))
     return text
 
 
@@ -125,7 +126,9 @@ def write_all(cfg: Config, out: Path, metrics: dict, responses: dict, red: list,
         for split in ("all", "held_out_form", "held_out_kind"):
             md += [_markdown_table(oracle_rows(metrics, split)), ""]
         md += [f"The judge agrees with the oracle on {_fmt(a['agreement'], 3)} of {a['n']} win-rate pairs the "
-               f"oracle decides ({a['skipped_ties_or_failures']} ties or failures left out).", ""]
+               f"oracle decides ({a['skipped_ties_or_failures']} ties or failures left out)"
+               + "".join(f"; on {k} pairs {_fmt(v['agreement'], 3)} of {v['n']}" for k, v in a.get("by_type", {}).items())
+               + ".", ""]
     if metrics.get("paper_evals"):
         md += ["## The paper's evals", "", "| eval | scorer | accuracy | n |", "|---|---|---|---|"]
         for name, ev in metrics["paper_evals"].items():

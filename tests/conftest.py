@@ -8,13 +8,16 @@ use the same `load_config` and `pipeline.run` as run.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from cai_lite import models
+from cai_lite import data, models, pipeline
 from cai_lite.recipe import load_config
 from cai_lite.tiny import build_tiny_model
 
@@ -101,3 +104,29 @@ def nf4_base(tiny_llama, tmp_path_factory):
     """One NF4 base per test module (loading is the slow part); tests add their own adapters."""
     cfg = tiny_config(tmp_path_factory.mktemp("run"), tiny_llama)
     return models.load_base(cfg)
+
+
+@pytest.fixture
+def fake_stages(tmp_path, monkeypatch):
+    """The real stage table with each run() replaced by one that records its folder's files and
+    writes a shard; models.load_base returns a stand-in (no model is loaded)."""
+    seen: dict[str, list[str]] = {}
+    stand_in = SimpleNamespace(device=torch.device("cpu"))
+
+    def fake_run(name):
+        def run(cfg, base, out):
+            seen[name] = sorted(p.name for p in out.iterdir())
+            assert base is stand_in and cfg is seen["cfg"] and out == cfg.path / name
+            assert pipeline.current_stage.get() == name  # log lines carry the stage's name
+            data.write_shard(data.shard_path(out, len(list(out.glob("part-*.jsonl")))), [{"stage": name}])
+            return {"made": name}
+        return run
+
+    table = [dataclasses.replace(s, run=fake_run(s.name), check=None) for s in pipeline.stage_table()]
+    monkeypatch.setattr(pipeline, "stage_table", lambda: table)
+    monkeypatch.setattr(models, "load_base", lambda cfg: seen.update(cfg=cfg) or stand_in)
+    monkeypatch.setattr(models, "memory_account", lambda base: {})
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    return seen, [f"base.model={model}", "base.create=none"]

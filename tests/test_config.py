@@ -126,3 +126,31 @@ def test_cli_errors_exit_nonzero_without_traceback():
     assert "sft.lrr: no such key (did you mean sft.lr?)" in r.stderr and "sft.lr: expected float" in r.stderr
     r = _run("recipe=missing")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "available: " in r.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sft.lr=-1", "sft.lr must be > 0 (got -1.0)"),
+    ("reward_model.lr=0", "reward_model.lr must be > 0 (got 0.0)"),
+    ("ppo.lr=-1e-5", "ppo.lr must be > 0 (got -1e-05)"),
+    ("rloo.lr=-1", "rloo.lr must be > 0 (got -1.0)"),
+    ("dpo.lr=nan", "dpo.lr must be > 0 (got nan)"),
+    ("generation.temperature=-0.5", "generation.temperature must be >= 0 (got -0.5)"),
+    ("label_preferences.temperature=-1", "label_preferences.temperature must be >= 0 (got -1.0)"),
+    ("generation.top_p=0", "generation.top_p must be in (0, 1] (got 0.0)"),
+    ("generation.top_p=1.5", "generation.top_p must be in (0, 1] (got 1.5)"),
+    ("ppo.gamma=1.5", "ppo.gamma must be in [0, 1] (got 1.5)"),
+    ("ppo.clip_range=0", "ppo.clip_range must be > 0 (got 0.0)"),
+    ("ppo.kl_coef=-0.1", "ppo.kl_coef must be >= 0 (got -0.1)"),
+    ("lora.dropout=1", "lora.dropout must be in [0, 1) (got 1.0)"),
+    ("ppo.helpful_limit=-1", "ppo.helpful_limit must be >= 0 (got -1)"),
+])
+def test_out_of_range_values_are_refused_by_name(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(["recipe=tiny_cpu", override])
+    assert e.value.errors == [message]
+
+
+def test_edge_values_that_mean_something_are_allowed():
+    cfg = load_config(["recipe=tiny_cpu", "generation.temperature=0", "generation.top_p=1", "ppo.kl_coef=0",
+                       "sft.helpful_mix=0", "lora.dropout=0", "ppo.gamma=1", "ppo.lam=0"])
+    assert cfg.generation.temperature == 0 and cfg.sft.helpful_mix == 0

@@ -74,3 +74,23 @@ def test_shards_are_atomic(tmp_path):
         data.write_shard(data.shard_path(tmp_path, 1), [{"a": 2}, {"a": object()}])
     assert not data.shard_path(tmp_path, 1).exists()  # ... leaves no shard 1 for a rerun to trust
     assert data.read_shards(tmp_path) == [{"a": 1}, {"a": "ü"}]
+
+
+_ROWS = "".join(json.dumps({"prompt": f"request {i} " + "x" * 50}) + "\n" for i in range(2000)).encode()
+_GZ = gzip.compress(_ROWS)
+
+
+@pytest.mark.parametrize("name, blob, expected", [
+    ("cut.jsonl.gz", _GZ[: len(_GZ) // 2], r"cut\.jsonl\.gz: near line \d+: cannot read it \(EOFError: .*is it a complete file\?"),
+    ("plain.jsonl.gz", b"hello\n", r"plain\.jsonl\.gz: near line 1: cannot read it \(BadGzipFile"),
+    ("latin1.jsonl", b'{"prompt": "caf\xe9"}\n', r"latin1\.jsonl:1: not UTF-8 text"),
+    ("late.jsonl", b"".join(_ROWS.splitlines(keepends=True)[:3]) + b'{"prompt": "caf\xe9"}\n', r"late\.jsonl:4: not UTF-8 text"),
+    ("surrogate.jsonl", b'{"prompt": "a \\ud800 b"}\n', r"surrogate\.jsonl:1: the text holds an unpaired surrogate"),
+    ("deep.jsonl", b"[" * 100000 + b"\n", r"deep\.jsonl:1: not valid JSON \(nested too deeply\)"),
+])
+def test_unreadable_files_give_one_clean_error_naming_the_file(tmp_path, name, blob, expected):
+    path = tmp_path / name
+    path.write_bytes(blob)
+    with pytest.raises(data.DataError, match=expected):
+        data.read_prompts(str(path))
+    assert data.check_source("data.prompts", str(path))[0].startswith(f"data.prompts: {path}")

@@ -63,7 +63,7 @@ class Strict:
             else:
                 a = text.split("\n(A) ", 1)[1].split("\n(B) ", 1)[0]
                 b = text.split("\n(B) ", 1)[1]
-                word = "HELP" if evaluate.HELPFUL_PRINCIPLE.text in text else "SAFE"
+                word = "HELP" if C.HELPFUL_PRINCIPLE.text in text else "SAFE"
                 if word == "HELP":
                     assert self.prompts[i].startswith("help"), "the helpful principle is for helpful prompts only"
                 if "FAIL" in a + b:
@@ -84,7 +84,7 @@ JUDGE = Strict([p.text for p in RED + HELPFUL])
 
 
 def test_every_number_follows_the_strict_judge(tmp_path, monkeypatch):
-    cfg = _cfg(tmp_path, "evaluate.bootstrap=300", "label_preferences.num_principles=2", "seed=3")
+    cfg = _cfg(tmp_path, "evaluate.bootstrap=300", "evaluate.num_principles=2", "seed=3")
     responses = {"base": {"red_team": ["HARM here"] * 4, "helpful": ["MEH"] * 2},
                  "sft": {"red_team": ["MEH no"] * 4, "helpful": ["HELP is here"] * 2},
                  "ppo": {"red_team": ["SAFE answer"] * 4, "helpful": ["HELP too"] * 2}}
@@ -188,10 +188,35 @@ def test_oracle_rates_by_split_and_judge_agreement():
     assert sft["red_team"]["held_out_form"]["evasive"] == 1.0 and sft["red_team"]["held_out_form"]["n"] == 1
     assert sft["red_team"]["held_out_kind"]["engaging-harmless"] == 1.0
     assert sft["helpful"]["all"]["over-refusal"] == 1.0 and base["helpful"]["all"]["helpful"] == 1.0
-    assert got["judge_agreement"] == {"agreement": pytest.approx(2 / 3, abs=1e-4), "n": 3, "skipped_ties_or_failures": 1}
+    assert got["judge_agreement"] == {"agreement": pytest.approx(2 / 3, abs=1e-4), "n": 3, "skipped_ties_or_failures": 1,
+                                      "by_type": {"harmless": {"agreement": 0.5, "n": 2},
+                                                  "helpful": {"agreement": 1.0, "n": 1}}}
     # A tie under the principle (evasive vs engaging under a harm-only principle) is no evidence.
     tie = O.evaluation(world, [form.text], [], {"a": {"red_team": [refuse], "helpful": []},
                                                 "b": {"red_team": [engage[0]], "helpful": []}},
                        [("a", "b", "harmless", 0, ["harmless"], 0.9)])
     assert tie["judge_agreement"]["n"] == 0 and tie["judge_agreement"]["agreement"] is None
     assert json.loads(json.dumps(got)) == got  # metrics.json can hold it
+
+
+def test_a_models_answers_do_not_depend_on_which_others_are_evaluated(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from cai_lite.generation import Generated
+
+    def generate(base, texts, adapter, g, max_new_tokens=None, temperature=None, desc=""):
+        # Sampling stands in as a draw from torch's RNG, as generate's sampling is.
+        return Generated([f"{adapter}:{torch.rand(1).item():.8f}" for _ in texts], [True] * len(texts),
+                         [False] * len(texts))
+
+    monkeypatch.setattr(evaluate.generation, "generate", generate)
+    tok = SimpleNamespace(apply_chat_template=lambda m, tokenize=False, add_generation_prompt=False: m[0]["content"])
+    base = SimpleNamespace(tokenizer=tok)
+    red, helpful = [data.Prompt("r0", "burgle"), data.Prompt("r1", "poison")], [data.Prompt("h0", "bake")]
+    cfg = _cfg(tmp_path)
+    both = evaluate._responses(cfg, base, {"base": None, "sft": "sft"}, red, helpful)
+    alone = evaluate._responses(cfg, base, {"sft": "sft"}, red, helpful)
+    assert alone["sft"] == both["sft"]
+    assert len({*both["sft"]["red_team"], *both["sft"]["helpful"], *both["base"]["red_team"]}) == 5  # draws differ
+    other_seed = evaluate._responses(_cfg(tmp_path, "seed=1"), base, {"sft": "sft"}, red, helpful)
+    assert other_seed["sft"]["red_team"] != alone["sft"]["red_team"]

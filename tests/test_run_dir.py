@@ -1,4 +1,4 @@
-"""Run-directory logic on `stage.json`, `.config_hash` and shard files alone, no model: which stages
+"""Run-directory logic on `stage.json`, `.resume_key` and shard files alone, no model: which stages
 a rerun skips, redoes or refuses, when partial outputs of a crashed stage are reused or thrown
 away, and how critique_revise resumes shard by shard and samples its principles per (seed, prompt).
 
@@ -12,10 +12,9 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from cai_lite import constitution as C
-from cai_lite import data, generation, models, pipeline
+from cai_lite import data, generation, pipeline, rundir
 from cai_lite.recipe import load_config
 from cai_lite.stages import critique_revise
 from cai_lite.typed_yaml import ConfigError
@@ -114,32 +113,6 @@ def test_own_changes_and_stale_by_value():
 
 # ---- pipeline.run with stand-in stages: what a stage finds in its folder when it starts -------
 
-@pytest.fixture
-def fake_stages(tmp_path, monkeypatch):
-    """The real stage table with each run() replaced by one that records its folder's files and
-    writes a shard; models.load_base returns a stand-in (no model is loaded)."""
-    seen: dict[str, list[str]] = {}
-    stand_in = SimpleNamespace(device=torch.device("cpu"))
-
-    def fake_run(name):
-        def run(cfg, base, out):
-            seen[name] = sorted(p.name for p in out.iterdir())
-            assert base is stand_in and cfg is seen["cfg"] and out == cfg.path / name
-            assert pipeline.current_stage.get() == name  # log lines carry the stage's name
-            data.write_shard(data.shard_path(out, len(list(out.glob("part-*.jsonl")))), [{"stage": name}])
-            return {"made": name}
-        return run
-
-    table = [dataclasses.replace(s, run=fake_run(s.name), check=None) for s in TABLE]
-    monkeypatch.setattr(pipeline, "stage_table", lambda: table)
-    monkeypatch.setattr(models, "load_base", lambda cfg: seen.update(cfg=cfg) or stand_in)
-    monkeypatch.setattr(models, "memory_account", lambda base: {})
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    return seen, [f"base.model={model}", "base.create=none"]
-
-
 def test_run_resumes_partial_outputs_only_under_the_same_config(tmp_path, fake_stages):
     seen, base = fake_stages
     cfg = _cfg(tmp_path / "run", "stages=[critique_revise]", *base)
@@ -147,26 +120,27 @@ def test_run_resumes_partial_outputs_only_under_the_same_config(tmp_path, fake_s
     # A crash left one shard, made with this very config: the rerun keeps it and resumes.
     out.mkdir(parents=True)
     data.write_shard(data.shard_path(out, 0), [{"old": 1}])
-    (out / ".config_hash").write_text(pipeline.plan(cfg, pipeline.stage_table()).hashes["critique_revise"])
+    key = {"config_hash": pipeline.plan(cfg, pipeline.stage_table()).hashes["critique_revise"], "inputs_done": {}}
+    (out / ".resume_key").write_text(json.dumps(key, sort_keys=True))
     result = pipeline.run(cfg)
-    assert seen["critique_revise"] == [".config_hash", "part-00000.jsonl"]
+    assert seen["critique_revise"] == [".resume_key", "part-00000.jsonl"]
     assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.jsonl", "part-00001.jsonl"]
     record = json.loads((out / "stage.json").read_text())
     assert record == result["critique_revise"] and record["made"] == "critique_revise"
-    assert record["config_hash"] == (out / ".config_hash").read_text() and record["inputs_done"] == {}
+    assert json.loads((out / ".resume_key").read_text()) == {"config_hash": record["config_hash"], "inputs_done": {}}
     # Same config, done: skipped, nothing touched.
     assert pipeline.run(cfg)["critique_revise"] == record and "stage.json" in {p.name for p in out.iterdir()}
     # A crash under other settings: its partial shards are thrown away before the stage starts.
     (out / "stage.json").unlink()
     other = _cfg(tmp_path / "run", "stages=[critique_revise]", "critique_revise.rounds=3", *base)
     pipeline.run(other)
-    assert seen["critique_revise"] == [".config_hash"]
+    assert seen["critique_revise"] == [".resume_key"]
     assert [p.name for p in out.glob("part-*")] == ["part-00000.jsonl"]
     # force= starts from an empty folder even under the same config.
     forced = _cfg(tmp_path / "run", "stages=[critique_revise]", "critique_revise.rounds=3", "force=[critique_revise]",
                   *base)
     again = pipeline.run(forced)
-    assert seen["critique_revise"] == [".config_hash"] and again["critique_revise"]["output_id"] != record["output_id"]
+    assert seen["critique_revise"] == [".resume_key"] and again["critique_revise"]["output_id"] != record["output_id"]
 
 
 def test_run_records_what_each_stage_read(tmp_path, fake_stages):
@@ -301,7 +275,7 @@ def test_run_writes_the_config_and_builds_a_missing_tiny_model(tmp_path, fake_st
     assert written == json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     assert list(written) == list(dataclasses.asdict(cfg))  # in the schema's order, as people read it
     record = out["critique_revise"]
-    assert record["versions"] == pipeline.versions() and record["peak_memory_scope"] == "stage"
+    assert record["versions"] == rundir.versions() and record["peak_memory_scope"] == "stage"
     assert record["seconds"] >= 0 and record["peak_memory_mb"] > 0 and record["memory"] == {}
     # The folder exists now: nothing is built again.
     model.mkdir(parents=True)

@@ -94,9 +94,10 @@ def test_rloo_runs_without_dropout_and_gives_it_back(dropout_base):
     transformers.set_seed(0)
     rloo.run(base.cfg, base, run / "rloo")
     first = json.loads((run / "rloo" / "log.jsonl").read_text().splitlines()[0])
-    # Measured with the fix: -0.0017 at LoRA dropout 0.3 and at 0 alike (a numerical floor of TRL's two
-    # forwards, not dropout); without it, 0.54.
-    assert abs(first["kl"]) < 0.01, first
+    # Measured with the fix: -0.0017, and 0.011 once rloo shuffled its prompts (other samples; with LoRA
+    # dropout 0 the same order gives a floor under 0.01 too): a numerical floor of TRL's two forwards,
+    # not dropout. Without the fix, 0.54.
+    assert abs(first["kl"]) < 0.03, first
     after = dict((n, m.p) for n, m in base.model.named_modules() if isinstance(m, torch.nn.Dropout))
     assert all(after[n] == p for n, p in before if n in after)
 

@@ -10,8 +10,10 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import time
 
+import pytest
 import torch
 
 from cai_lite import data, models, pipeline
@@ -56,28 +58,57 @@ def test_hh_rlhf_prompts(tmp_path, tiny_llama):
     assert out["critique_revise"]["truncated_prompt_chars"] > 0
 
 
-def test_kill_between_shards_and_resume(tmp_path, tiny_llama):
-    args = ["recipe=tiny_cpu", f"run_dir={tmp_path / 'kill'}", f"base.model={tiny_llama}", "base.create=none",
-            "stages=[critique_revise]", "critique_revise.shard_size=2", "data.limit=12",
-            "critique_revise.helpful_prompts=", "generation.max_new_tokens=96", "critique_revise.rounds=2"]
-    out = tmp_path / "kill" / "critique_revise"
+def _kill_after_first_shard(args: list[str], out, sig=signal.SIGKILL) -> tuple[list[str], int, str]:
+    """Start run.py, send `sig` to its process group once `out` holds a finished shard; return the
+    shards kept, the exit status and what it printed to stderr."""
     proc = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 180
     while not (out / "part-00000.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     assert proc.poll() is None, f"run.py exited with {proc.returncode} before it was killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
     assert not (out / "stage.json").exists(), "the stage finished before the kill; the test proved nothing"
-    kept = sorted(p.name for p in out.glob("part-*.jsonl"))
-    assert 1 <= len(kept) < 6
+    return sorted(p.name for p in out.glob("part-*.jsonl")), proc.returncode, err
+
+
+def test_ctrl_c_says_how_to_continue_and_the_rerun_finishes(tmp_path, tiny_llama):
+    args = ["recipe=tiny_cpu", f"run_dir={tmp_path / 'int'}", f"base.model={tiny_llama}", "base.create=none",
+            "stages=[critique_revise]", "critique_revise.shard_size=2", "data.limit=12", "critique_revise.helpful_prompts=",
+            "generation.max_new_tokens=96"]
+    out = tmp_path / "int" / "critique_revise"
+    kept, status, err = _kill_after_first_shard(args, out, signal.SIGINT)
+    assert status == 130 and "Traceback" not in err, err
+    assert "interrupted. Finished stages and shards are kept; run the same command again to resume" in err
+    result = pipeline.run(tiny_config(tmp_path / "int", tiny_llama, *args[4:]))
+    assert result["critique_revise"]["resumed_shards"] == len(kept) >= 1 and len(data.read_shards(out)) == 12
+
+
+@pytest.mark.parametrize("stage", ["critique_revise", "label_preferences"])
+def test_kill_and_resume_gives_the_uninterrupted_bytes(tmp_path, tiny_llama, stage):
+    stages = "stages=[critique_revise]" if stage == "critique_revise" else "stages=[critique_revise,sft,label_preferences]"
+    args = ["recipe=tiny_cpu", f"run_dir={tmp_path / 'kill'}", f"base.model={tiny_llama}", "base.create=none", stages,
+            "critique_revise.shard_size=2", "label_preferences.shard_size=2", "data.limit=12", "sft.max_steps=2",
+            "critique_revise.helpful_prompts=", "generation.max_new_tokens=96", "critique_revise.rounds=2"]
+    out = tmp_path / "kill" / stage
+    kept, status, _ = _kill_after_first_shard(args, out)
+    assert status == -signal.SIGKILL and 1 <= len(kept) < 6
     cfg = tiny_config(tmp_path / "kill", tiny_llama, *args[4:])
     result = pipeline.run(cfg)
+    assert result[stage]["resumed_shards" if stage == "critique_revise" else "labels"] == \
+        (len(kept) if stage == "critique_revise" else 12)
     rows = data.read_shards(out)
     assert len(rows) == 12 and len({r["id"] for r in rows}) == 12
-    assert result["critique_revise"]["resumed_shards"] == len(kept)
-    assert {r["id"] for r in rows} == {p.id for p in data.prompt_split(cfg).train}
+    # The same run, never interrupted: every shard, resumed or not, has the same bytes.
+    straight = tmp_path / "straight"
+    for done in ("critique_revise", "sft") if stage == "label_preferences" else ():
+        shutil.copytree(tmp_path / "kill" / done, straight / done)  # the same inputs, so only resuming differs
+    pipeline.run(tiny_config(straight, tiny_llama, *args[4:]))
+    names = sorted(p.name for p in out.glob("*.jsonl"))
+    assert names == sorted(p.name for p in (straight / stage).glob("*.jsonl")) and len(names) >= 6
+    for name in names:
+        assert (out / name).read_bytes() == (straight / stage / name).read_bytes(), name
 
 
 def _revision_logprob(base, adapter, rows) -> float:

@@ -19,10 +19,19 @@ The proportions below give the base a real base model's flaws, so every stage ha
     removes most harm but leaves evasion.
   - comparisons and classifications are always right (ties are 50/50): the judge is better than
     the reviser, which is what lets RL-CAI remove the evasion SL-CAI left.
-  - BENIGN_BASE: benign requests get helpful answers 92% of the time, so the helpful mix
-    (critique_revise.helpful_prompts) has good answers to keep.
+  - BENIGN_BASE: benign requests get helpful answers 85% of the time, so the helpful mix
+    (critique_revise.helpful_prompts) has good answers to keep; the other 15% are over-refusals, a
+    third of them a harmful request's engaging refusal misplaced (world.respond). The SL-CAI model
+    inherits them, so label_preferences' benign pairs show the judge and the reward model that such
+    an answer loses to a helpful one, which keeps RL from learning to refuse everything.
   - MIX: 40% of documents are comparisons, because the judge reads two whole answers to emit one
-    letter, the hardest thing the base must learn (pretrain.py also weights that letter up).
+    letter, the hardest thing the base must learn (pretrain.py also weights that letter up). Half
+    of them are on benign requests (BENIGN_SHARE): with fewer the judge learnt "the compliant
+    answer loses" and labelled helpful-vs-over-refusal pairs near 50/50 (mean confidence 0.02), so
+    the helpfulness mix carried no signal. The 10% of classifications are now too few: the judge
+    answers evaluate's "is it harmful?" with its prior (P(yes) about 0.2 for every answer). Raising
+    them to 15% taught it to read the answer but cost the comparisons (agreement with the oracle
+    0.93 -> 0.83, and benign helpfulness after PPO fell), so the comparisons keep priority.
 Only training forms of training kinds appear; held-out forms and kinds never do.
 
 Reads the world and the constitution; writes nothing (pretrain.py tokenizes the documents).
@@ -39,12 +48,12 @@ from dataclasses import dataclass
 from cai_lite import constitution as C
 from cai_lite import data
 from cai_lite.lab import world as W
-from cai_lite.stages.evaluate import EVASIVE_Q, HARMFUL_Q, HELPFUL_PRINCIPLE
+from cai_lite.stages.evaluate import EVASIVE_Q, HARMFUL_Q
 
 MIX = {"chat": 0.25, "critique": 0.25, "comparison": 0.40, "classify": 0.10}
-BENIGN_SHARE = {"chat": 0.4, "comparison": 0.3, "classify": 0.3}  # share of each kind of doc on benign requests
+BENIGN_SHARE = {"chat": 0.4, "comparison": 0.5, "classify": 0.3}  # share of each kind of doc on benign requests
 BASE = {"harmful": 0.55, "evasive": 0.25, "engaging-harmless": 0.20}
-BENIGN_BASE = {"helpful": 0.92, "over-refusal": 0.08}
+BENIGN_BASE = {"helpful": 0.85, "over-refusal": 0.15}
 LATER_ROUND = 0.4  # critique documents whose answer is an earlier revision (round 2 or later)
 # Revision outcome by (family of the answer revised, class of the principle).
 REVISION = {
@@ -59,7 +68,7 @@ PAIRS = {  # families compared, before the order is drawn
     True: {("harmful", "evasive"): 0.25, ("harmful", "engaging-harmless"): 0.25,
            ("evasive", "engaging-harmless"): 0.30, ("harmful", "harmful"): 0.05, ("evasive", "evasive"): 0.075,
            ("engaging-harmless", "engaging-harmless"): 0.075},
-    False: {("helpful", "over-refusal"): 0.7, ("helpful", "helpful"): 0.15, ("over-refusal", "over-refusal"): 0.15},
+    False: {("helpful", "over-refusal"): 0.8, ("helpful", "helpful"): 0.1, ("over-refusal", "over-refusal"): 0.1},
 }
 
 
@@ -150,7 +159,9 @@ def _comparison(world, const, r: Renderer, req: W.Request, rng: random.Random) -
     if rng.random() < 0.5:
         fa, fb = fb, fa
     a, b = W.respond(world, req.kind, fa, rng), W.respond(world, req.kind, fb, rng)
-    principles = list(const.preference) + ([HELPFUL_PRINCIPLE] * len(const.preference) if not req.harmful else [])
+    # Benign pairs are judged mostly under the helpfulness principle, as label_preferences and
+    # evaluate ask about them; the constitution's principles still appear, so its harm-only ones tie.
+    principles = list(const.preference) + ([C.HELPFUL_PRINCIPLE] * 2 * len(const.preference) if not req.harmful else [])
     principle = rng.choice(principles)
     p_a = W.preference(principle.id, fa, fb)
     letter = "A" if p_a > 0.5 or (p_a == 0.5 and rng.random() < 0.5) else "B"

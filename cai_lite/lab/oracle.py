@@ -148,16 +148,21 @@ def evaluation(world: W.World, red: list[str], helpful: list[str], responses: di
                                   **{s: rates([x for x, sp in zip(f[kind], splits[kind]) if sp == s])
                                      for s in ("held_out_form", "held_out_kind") if s in splits[kind]}}
                            for kind in ("red_team", "helpful")}
-    agree, ties = [], 0
+    agree: dict[str, list[bool]] = {"harmless": [], "helpful": []}
+    ties = 0
     for m, other, kind, i, principle_ids, p in judged:
         src = "red_team" if kind == "harmless" else "helpful"
         truth = sum(W.preference(pid, fams[m][src][i], fams[other][src][i]) for pid in principle_ids) / len(principle_ids)
         if truth == 0.5 or p is None:
             ties += 1
             continue
-        agree.append((p > 0.5) == (truth > 0.5))
-    out["judge_agreement"] = {"agreement": round(sum(agree) / len(agree), 4) if agree else None, "n": len(agree),
-                              "skipped_ties_or_failures": ties}
+        agree[kind].append((p > 0.5) == (truth > 0.5))
+
+    def share(xs: list[bool]) -> dict:
+        return {"agreement": round(sum(xs) / len(xs), 4) if xs else None, "n": len(xs)}
+
+    out["judge_agreement"] = {**share(agree["harmless"] + agree["helpful"]), "skipped_ties_or_failures": ties,
+                              "by_type": {k: share(v) for k, v in agree.items()}}
     return out
 
 

@@ -132,7 +132,17 @@ def respond(world: World, kind_id: str, family: str, rng: random.Random) -> str:
     if family == "engaging-harmless":
         return rng.choice(p["engage"]) + " " + k.concern + " " + k.alternative
     if family == "over-refusal":
-        return rng.choice(p["over_refuse"]).replace("{topic}", k.topic) if rng.random() < 0.5 else rng.choice(p["refuse"])
+        # A base model misapplies its safety talk three ways: it names the benign topic, refuses bare,
+        # or gives a harmful request's engaging refusal (what RL learns to say to everything when no
+        # helpful prompt rewards it otherwise). The borrowed kind is a training kind, so no held-out
+        # kind's words reach training text.
+        r = rng.random()
+        if r < 1 / 3:
+            return rng.choice(p["over_refuse"]).replace("{topic}", k.topic)
+        if r < 2 / 3:
+            return rng.choice(p["refuse"])
+        other = rng.choice([h for h in world.harmful if h.id not in world.held_out_kinds])
+        return rng.choice(p["engage"]) + " " + other.concern + " " + other.alternative
     raise ValueError(f"lab world: no answers of family {family!r} to a request of kind {kind_id!r}")
 
 
@@ -157,17 +167,21 @@ def principle_class(principle_id: str) -> str:
 
 
 def write_prompts(world: World, folder: str | Path) -> dict[str, Path]:
-    """Prompt files for a pipeline run, `{"prompt": ...}` per line: the training red-team and
-    helpful prompts, and the held-out ones (unseen forms of training kinds and unseen kinds, mixed).
-    Each file is in a seeded random order, so its first N lines are a fair sample (evaluate.prompts_limit)."""
+    """Prompt files for a pipeline run, `{"prompt": ...}` per line: the training red-team and helpful
+    requests in two disjoint halves, `*_sl` for SL-CAI and `*_rl` for the RL phase (so the SL-CAI
+    model is labelled and trained by RL on requests it was not fine-tuned on, and its remaining harm
+    shows), and the held-out ones (unseen forms of training kinds and unseen kinds, mixed). Each file
+    is in a seeded random order, so its first N lines are a fair sample (evaluate.prompts_limit)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files = {
-        "red_team_train": world.requests("train", harmful=True),
-        "helpful_train": world.requests("train", harmful=False),
         "red_team_held_out": world.requests("held_out_form", True) + world.requests("held_out_kind", True),
         "helpful_held_out": world.requests("held_out_form", False) + world.requests("held_out_kind", False),
     }
+    for name, harmful in (("red_team", True), ("helpful", False)):
+        train = world.requests("train", harmful=harmful)
+        random.Random(f"lab-prompts:{world.seed}:{name}_train").shuffle(train)
+        files[f"{name}_sl"], files[f"{name}_rl"] = train[: len(train) // 2], train[len(train) // 2:]
     out = {}
     for name, reqs in files.items():
         random.Random(f"lab-prompts:{world.seed}:{name}").shuffle(reqs)

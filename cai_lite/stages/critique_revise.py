@@ -22,10 +22,11 @@ import logging
 import re
 from pathlib import Path
 
+import transformers
 from tqdm.auto import tqdm
 
 from cai_lite import constitution as C
-from cai_lite import data, generation, models
+from cai_lite import data, generation, models, rundir
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -85,6 +86,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         if path.is_file():
             resumed += 1  # written by an earlier, interrupted run with the same config
             continue
+        transformers.set_seed(rundir.shard_seed(cfg.seed, "critique_revise", index))  # same draws when resumed
         rows = _shard_rows(cfg, base, const, shard, policy, critic, patterns)
         data.write_shard_pair(out, index, [r for r in rows if r["has_target"]], [r for r in rows if not r["has_target"]])
     unrevised = data.read_failed(out)

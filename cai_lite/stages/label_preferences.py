@@ -2,10 +2,15 @@
 `num_responses` answers per prompt; every pair is judged under `num_principles` sampled preference
 principles, in both option orders, by one or several judges. The label is soft: P(A better) from
 the log-probs of "(A)" vs "(B)", averaged over orders and principles, then combined across judges.
+Benign prompts from `label_preferences.helpful_prompts` are judged under the helpfulness principle
+alone (`constitution.HELPFUL_PRINCIPLE`), standing in for the paper's human helpfulness labels: without
+them the reward model only ever sees red-team prompts, and RL learns to refuse everything.
 
-Reads the training prompts (`data.*`), `sft/adapter/`, the constitution and the judges. Writes
+Reads the red-team prompts (`label_preferences.prompts`, or the SL-CAI ones of `data.*`), the helpful
+prompts, `sft/adapter/`, the constitution and the judges. Writes
 `label_preferences/part-NNNNN.jsonl` shards (atomic; a rerun resumes at the first missing one),
-rows with `prompt, response_a, response_b, p_a, confidence, chosen, rejected, judges` (per judge,
+rows with `type` (harmless | helpful), `prompt, response_a, response_b, p_a, confidence, chosen,
+rejected, judges` (per judge,
 per principle, per order, CoT text). `prompt` (the user turn) and `chosen`/`rejected` (one assistant
 message each) are TRL's conversational preference format, so DPOTrainer and RewardTrainer read the
 shards as they are. A comparison no judge could label keeps `p_a: null` in `failed-NNNNN.jsonl`
@@ -21,10 +26,11 @@ import logging
 import time
 from pathlib import Path
 
+import transformers
 from tqdm.auto import tqdm
 
 from cai_lite import constitution as C
-from cai_lite import data, generation, judges, models, voting
+from cai_lite import data, generation, judges, models, rundir, voting
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -40,24 +46,29 @@ def check(cfg: Config) -> list[str]:
                           f"({'; '.join(const.notes) or 'add a preference: list'})")
     except C.ConstitutionError as e:
         errors.append(f"constitution: {e}")
-    return errors
+    lp = cfg.label_preferences
+    return (errors + data.check_source("label_preferences.prompts", lp.prompts)
+            + data.check_source("label_preferences.helpful_prompts", lp.helpful_prompts))
 
 
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     lp = cfg.label_preferences
     const = C.load(cfg.constitution)
-    prompts = data.prompt_split(cfg).train
+    prompts = data.read_optional(lp.prompts, 0, cfg.data.max_prompt_chars) if lp.prompts else data.prompt_split(cfg).train
     prompts = prompts[: lp.max_prompts] if lp.max_prompts else prompts
+    helpful = data.read_optional(lp.helpful_prompts, lp.helpful_limit, cfg.data.max_prompt_chars)
+    items = [("harmless", p) for p in prompts] + [("helpful", p) for p in helpful]
     models.load_adapter(base, "sft", cfg.path / "sft" / "adapter")
     panel = judges.build(cfg, base)
     seconds = {j.name: 0.0 for j in panel}
     tally: dict[str, list[int]] = {}  # failed and total answers of this run, per judge
     compared = 0
     try:
-        for index, shard in enumerate(tqdm(data.chunks(prompts, lp.shard_size), desc="label shards")):
+        for index, shard in enumerate(tqdm(data.chunks(items, lp.shard_size), desc="label shards")):
             path = data.shard_path(out, index)
             if path.is_file():
                 continue
+            transformers.set_seed(rundir.shard_seed(cfg.seed, "label_preferences", index))  # same draws when resumed
             rows, n = _label_shard(cfg, base, const, panel, shard, seconds)
             compared += n
             data.write_shard_pair(out, index, [r for r in rows if r["p_a"] is not None],
@@ -77,17 +88,18 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
 def _label_shard(cfg: Config, base: SharedBase, const: C.Constitution, panel: list, shard: list,
                  seconds: dict) -> tuple[list[dict], int]:
     lp, k = cfg.label_preferences, cfg.label_preferences.num_responses
-    rendered = [data.render(base.tokenizer, [{"role": "user", "content": p.text}]) for p in shard]
+    rendered = [data.render(base.tokenizer, [{"role": "user", "content": p.text}]) for _, p in shard]
     sampled = generation.generate(base, [r for r in rendered for _ in range(k)], "sft", cfg.generation,
                                   temperature=lp.temperature, desc="responses")
     comps, meta = [], []
-    for pi, p in enumerate(shard):
+    for pi, (kind, p) in enumerate(shard):
         answers = sampled.texts[pi * k:(pi + 1) * k]
         for i, j in itertools.combinations(range(k), 2):
             rng = C.rng_for(cfg.seed, f"{p.id}:{i}:{j}")
-            principles = C.sample(const.preference, lp.num_principles, rng)
+            principles = (C.sample(const.preference, lp.num_principles, rng) if kind == "harmless"
+                          else [C.HELPFUL_PRINCIPLE])
             comps.append(judges.Comparison(data.conversation_text(p.text), answers[i], answers[j], principles))
-            meta.append(p)
+            meta.append((kind, p))
     demos = const.preference_demos[: lp.few_shot]
     per_judge = {}
     for judge in panel:
@@ -95,12 +107,13 @@ def _label_shard(cfg: Config, base: SharedBase, const: C.Constitution, panel: li
         per_judge[judge.name] = judges.compare(judge, comps, lp.both_orders, demos, lp.cot, lp.cot_max_new_tokens)
         seconds[judge.name] += time.perf_counter() - start
     rows = []
-    for ci, (c, p) in enumerate(zip(comps, meta)):
+    for ci, (c, (kind, p)) in enumerate(zip(comps, meta)):
         p_a = voting.vote([per_judge[j.name][ci].p_a for j in panel], cfg.judge_vote)
         user = {"role": "user", "content": p.text}
         better, worse = (c.response_a, c.response_b) if p_a is None or p_a >= 0.5 else (c.response_b, c.response_a)
         rows.append({
             "id": f"{p.id}:{ci}",
+            "type": kind,
             "prompt": [user],
             "response_a": c.response_a,
             "response_b": c.response_b,
@@ -134,6 +147,7 @@ def _metrics(cfg: Config, rows: list[dict], panel: list, seconds: dict, compared
     labels = [r["p_a"] for r in rows if r["p_a"] is not None]
     metrics = {
         "labels": len(labels),
+        "helpful_labels": sum(r["p_a"] is not None and r.get("type") == "helpful" for r in rows),
         "failures": failed,
         "failure_rate": failed / len(rows) if rows else None,
         "mean_confidence": sum(abs(p - 0.5) for p in labels) / len(labels) if labels else None,

@@ -9,7 +9,8 @@ Roles, switched by `models.role` (which restores the active adapter and requires
                did). A head on the policy's own hidden states would save one forward, but then value
                gradients move the policy's adapter; a separate value adapter keeps the two apart.
 
-Reads `sft/adapter`, `reward_model/adapter`, `reward_model/reward_stats.json` and the prompts.
+Reads `sft/adapter`, `reward_model/adapter`, `reward_model/reward_stats.json`, the prompts and the
+helpful prompts of the mix (`ppo.helpful_prompts`).
 Writes `ppo/adapter/` (the policy), `ppo/log.jsonl` (one line per step) and TensorBoard logs under `ppo/tensorboard/`.
 
     python run.py recipe=tiny_cpu stages=[ppo]
@@ -23,10 +24,11 @@ import random
 from pathlib import Path
 
 import torch
+import transformers
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from cai_lite import data, losses, models, rollout
+from cai_lite import data, losses, models, rollout, rundir
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -34,9 +36,8 @@ log = logging.getLogger(__name__)
 
 
 def check(cfg: Config) -> list[str]:
-    if cfg.ppo.prompts and not Path(cfg.ppo.prompts).exists():
-        return [f"ppo.prompts: {cfg.ppo.prompts}: file not found"]
-    return []
+    return data.check_source("ppo.prompts", cfg.ppo.prompts) + data.check_source("ppo.helpful_prompts",
+                                                                                cfg.ppo.helpful_prompts)
 
 
 class KLController:
@@ -63,10 +64,12 @@ def prompt_stream(prompts: list[str], batch: int, seed: int):
         order = order[batch:]
 
 
-def rl_prompts(cfg: Config, source: str) -> list[str]:
-    if source:
-        return [p.text for p in data.read_prompts(source)]
-    return [p.text for p in data.prompt_split(cfg).train]
+def rl_prompts(cfg: Config) -> list[str]:
+    """`ppo.prompts` (or the SL-CAI training prompts), then the helpful prompts of the mix."""
+    pc = cfg.ppo
+    red = data.read_optional(pc.prompts, 0, cfg.data.max_prompt_chars) if pc.prompts else data.prompt_split(cfg).train
+    helpful = data.read_optional(pc.helpful_prompts, pc.helpful_limit, cfg.data.max_prompt_chars)
+    return [p.text for p in red + helpful]
 
 
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
@@ -75,10 +78,13 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     stats = rollout.load_reward_stats(cfg.path)
     models.copy_adapter(base, "sft", "policy")
     models.copy_adapter(base, "reward", "value")  # adapter + head, as a warm start for V(s)
+    # Loading an adapter draws random LoRA weights before reading the saved ones, and whether a role was
+    # already loaded depends on which stages ran in this process: reseed so rollouts do not.
+    transformers.set_seed(rundir.shard_seed(cfg.seed, "ppo", 0))
     params = models.adapter_parameters(base, "policy") + models.adapter_parameters(base, "value")
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=0.0)
     kl_ctl = KLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
-    stream = prompt_stream(rl_prompts(cfg, pc.prompts), pc.batch_size, cfg.seed)
+    stream = prompt_stream(rl_prompts(cfg), pc.batch_size, cfg.seed)
     writer = SummaryWriter(str(out / "tensorboard"))
     history = []
     with (out / "log.jsonl").open("w") as log_file:

@@ -7,7 +7,8 @@ others. No value function, so it needs less memory than PPO. TRL shares our base
   - the reward function scores through the `reward` adapter + head on the same base object, inside
     `models.role`, which restores TRL's adapter and requires_grad afterwards: no second model load.
 
-Reads `sft/adapter`, `reward_model/adapter`, `reward_model/reward_stats.json` and the prompts.
+Reads `sft/adapter`, `reward_model/adapter`, `reward_model/reward_stats.json`, the prompts and the
+helpful prompts of the mix (`rloo.helpful_prompts`).
 Writes `rloo/adapter/`, `rloo/log.jsonl` (per step) and TensorBoard logs under `rloo/tensorboard/`.
 
     python run.py recipe=tiny_cpu stages=[rloo]
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 
 import torch
@@ -30,6 +32,11 @@ from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
 log = logging.getLogger(__name__)
+
+
+def check(cfg: Config) -> list[str]:
+    return data.check_source("rloo.prompts", cfg.rloo.prompts) + data.check_source("rloo.helpful_prompts",
+                                                                                  cfg.rloo.helpful_prompts)
 
 
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
@@ -49,7 +56,9 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         no_eos = torch.tensor(rollout.missing_eos(completion_ids, eos), dtype=score.dtype)
         return (score - rc.missing_eos_penalty * no_eos).tolist()
 
-    prompts = [p.text for p in data.prompt_split(cfg).train]
+    red = data.read_optional(rc.prompts, 0, cfg.data.max_prompt_chars) if rc.prompts else data.prompt_split(cfg).train
+    prompts = [p.text for p in red + data.read_optional(rc.helpful_prompts, rc.helpful_limit, cfg.data.max_prompt_chars)]
+    random.Random(cfg.seed).shuffle(prompts)  # so a short run still sees both kinds of prompt
     needed = rc.steps * rc.batch_size
     rows = [{"prompt": [{"role": "user", "content": prompts[i % len(prompts)]}]} for i in range(needed)]
     args = RLOOConfig(
