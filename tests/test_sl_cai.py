@@ -61,14 +61,22 @@ def test_hh_rlhf_prompts(tmp_path, tiny_llama):
 def _kill_after_first_shard(args: list[str], out, sig=signal.SIGKILL) -> tuple[list[str], int, str]:
     """Start run.py, send `sig` to its process group once `out` holds a finished shard; return the
     shards kept, the exit status and what it printed to stderr."""
+    # A shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # give the child the default disposition, as a terminal would.
     proc = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 180
-    while not (out / "part-00000.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, f"run.py exited with {proc.returncode} before it was killed"
-    os.killpg(proc.pid, sig)
-    _, err = proc.communicate(timeout=120)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 180
+        while not (out / "part-00000.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run.py exited with {proc.returncode} before it was killed"
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # it did not stop: do not leave it running after the test
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert not (out / "stage.json").exists(), "the stage finished before the kill; the test proved nothing"
     return sorted(p.name for p in out.glob("part-*.jsonl")), proc.returncode, err
 
