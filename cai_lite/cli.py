@@ -2,10 +2,11 @@
 
     cai-lite [recipe=NAME | --config FILE.yaml] [key=value | --key value ...]
     cai-lite --help recipe=7b_qlora     # every key, with the values that recipe gives it
+    cai-lite recipe=7b_qlora plan=true  # each stage's estimated peak memory; loads no weights
 
 Reads the recipe and overrides (recipe.load_config), checks config, files and servers before any
 model loads, then runs the selected stages into `./runs/<run_name>/` of the current directory and
-prints a summary. Exit status 0 on success, 2 on a problem with the config or the inputs (each
+prints a summary. Exit status 0 on success (`plan=true`: 1 where a stage does not fit), 2 on a problem with the config or the inputs (each
 printed on its own line, naming its key).
 
 The package's `__init__` has already turned the Hugging Face libraries offline and their telemetry
@@ -31,7 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         if any(a in HELP for a in argv):
             print(recipe.help_text([a for a in argv if a not in HELP]))
             return 0
+        # plan=true is an action, not a setting: a dry run that loads no weights (plan.* are its settings).
+        dry = [a for a in argv if a.lower() in ("plan=true", "plan=false")]
+        argv = [a for a in argv if a not in dry]
         cfg = recipe.load_config(argv)
+        if dry and dry[-1].lower() == "plan=true":
+            from cai_lite import planner
+
+            table, fits = planner.plan(cfg)
+            print(table)
+            return 0 if fits else 1
         from cai_lite import pipeline
 
         pipeline.setup_logging(cfg.log_level)

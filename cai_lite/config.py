@@ -39,6 +39,10 @@ class BaseConfig:
     """Recompute activations in backward to save memory (slower by about a third)."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off by default: it runs code you have not read."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """pretrained: load the weights in `base.model`; random: build the model from its config.json with random weights (seeded by `seed`) and quantise it as loaded weights are, so every code path runs at full size with no download (memory and speed checks; the text is noise). The folder still needs its tokenizer files."""
+    upcast_embeddings: bool = False
+    """Keep the frozen input embeddings and LM head in fp32, as PEFT's prepare_model_for_kbit_training does (+4.4 GB at Qwen2.5-7B, `plan=true` shows it); off keeps them in `base.dtype`. Norms are upcast either way (tiny)."""
 
 
 @dataclass
@@ -352,6 +356,14 @@ class ExportConfig:
 
 
 @dataclass
+class PlanConfig:
+    gpu_memory_gb: float = 24.0
+    """Memory of the card `plan=true` checks each stage's estimated peak against, in GiB."""
+    shape: str = ""
+    """Model shape to plan for: a shipped one (llama-2-7b, mistral-7b, qwen2.5-7b, llama-3.1-8b) or a config.json path; empty: `base.model`'s config.json, else the shipped shape named in `base.model`."""
+
+
+@dataclass
 class Config:
     recipe: str = DEFAULT_RECIPE
     """Recipe name (a shipped recipes/<name>.yaml) or a path to a YAML recipe; `--config FILE.yaml` is the same."""
@@ -403,6 +415,8 @@ class Config:
     """Stage evaluate."""
     export: ExportConfig = field(default_factory=ExportConfig)
     """Stage export: merged HF folder + GGUF."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    """The memory planner (`plan=true`): no stage reads it."""
 
     @property
     def path(self) -> Path:

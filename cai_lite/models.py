@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from cai_lite.config import Config
 
@@ -67,7 +67,10 @@ def load_base(cfg: Config) -> SharedBase:
             bnb_4bit_compute_dtype=DTYPES[b.compute_dtype],
         )
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(b.model, **kwargs)
+    if b.init == "random":
+        model = _random_model(cfg, kwargs, device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(b.model, **kwargs)
     if b.quantization == "none":
         model.to(device)
     if device.type == "cpu":
@@ -77,12 +80,16 @@ def load_base(cfg: Config) -> SharedBase:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation and last-token scoring both want left padding
     if b.quantization == "nf4":
-        # Casts norms/embeddings to fp32 for stable training and hooks input grads for checkpointing.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=b.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        # PEFT's prepare_model_for_kbit_training, minus one cast: it upcasts every unquantized weight to
+        # fp32, the frozen embeddings and LM head included (2 x 152k x 3584 floats, +4.4 GB at Qwen2.5-7B).
+        # Norms and biases are tiny and stay fp32 for a stable residual stream.
+        keep = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+        for p in model.parameters():
+            if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ != "Params4bit" \
+                    and (b.upcast_embeddings or id(p) not in keep):
+                p.data = p.data.float()
+        if b.gradient_checkpointing:  # use_reentrant=False needs no input-grad hook (PEFT skips it too)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif b.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -91,6 +98,29 @@ def load_base(cfg: Config) -> SharedBase:
     model.eval()
     log.info("loaded base %s (%s) on %s", b.model, b.quantization, device)
     return SharedBase(model=model, tokenizer=tokenizer, device=device, cfg=cfg)
+
+
+def _random_model(cfg: Config, kwargs: dict, device: torch.device) -> PreTrainedModel:
+    """`base.init=random`: the model of `base.model`'s config.json with random weights, quantised by
+    the same transformers path that loads a checkpoint (from a state dict instead of files), so the
+    result is the same kind of object a real load gives. Built on the target device: a 7B model
+    initialises on a GPU in a second, and its bf16 copy (~14 GB) is freed before training starts."""
+    config = AutoConfig.from_pretrained(cfg.base.model, trust_remote_code=cfg.base.trust_remote_code)
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"],
+                                                 trust_remote_code=cfg.base.trust_remote_code)
+    if "quantization_config" not in kwargs:
+        return model
+    state = model.state_dict()
+    cls = type(model)  # the Auto class refuses a state dict without a folder; the model class takes it
+    del model
+    model = cls.from_pretrained(None, config=config, state_dict=state, **{k: v for k, v in kwargs.items()
+                                                                          if k not in ("trust_remote_code", "use_safetensors")})
+    del state
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model
 
 
 def _settle_cpu_weights(model: PreTrainedModel, quantized: bool) -> None:
@@ -395,9 +425,12 @@ def trl_policy(base: SharedBase, init_from: str) -> Iterator[PeftModel]:
 def memory_account(base: SharedBase) -> dict:
     """Bytes of base weights (incl. quantization constants) and of each adapter and head."""
     base_bytes = sum(p.numel() * p.element_size() for n, p in base.model.named_parameters() if "lora_" not in n)
+    seen = set()  # PEFT's LoRA wrapper shows its base layer's weight too: count each weight once
     for module in base.model.modules():
-        qs = getattr(getattr(module, "weight", None), "quant_state", None)  # bitsandbytes' absmax etc.
-        if qs is not None:  # the NF4 code book, absmax per block and, double-quantized, their absmax
+        weight = getattr(module, "weight", None)
+        qs = getattr(weight, "quant_state", None)  # bitsandbytes' absmax etc.
+        if qs is not None and id(weight) not in seen:
+            seen.add(id(weight))  # the NF4 code book, absmax per block and, double-quantized, their absmax
             base_bytes += sum(v.numel() * v.element_size() for v in qs.as_dict(packed=False).values()
                               if isinstance(v, torch.Tensor))
     adapters = {name: sum(p.numel() * p.element_size() for p in adapter_parameters(base, name)

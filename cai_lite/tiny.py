@@ -128,3 +128,31 @@ def build_tiny_model(
     tokenizer.save_pretrained(path)
     (path / "cai_lite_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed}) + "\n")
     return path
+
+
+def stand_in_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with exactly `vocab_size` ids (w0 w1 ... plus the chat specials), for a
+    model shape whose real tokenizer is not at hand: every id decodes, and text of n words made of
+    them is n tokens, so benchmarks get the sequence lengths they ask for."""
+    words = SPECIAL_TOKENS + ["<unk>", "user", "assistant", "system"]
+    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(vocab_size - len(words))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>", chat_template=CHAT_TEMPLATE, padding_side="left",
+                                   clean_up_tokenization_spaces=False)
+
+
+def build_shape_folder(path: str | Path, config: dict) -> Path:
+    """A model folder with a real shape and no weights, for `base.init=random`: `config` (a config.json
+    as a dict, e.g. a shipped one from cai_lite/shapes/) with its special token ids pointed at a
+    stand-in tokenizer of the same vocabulary size."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = stand_in_tokenizer(config["vocab_size"])
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config.update(bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    (path / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    tok.save_pretrained(path)
+    return path
