@@ -5,8 +5,12 @@ Sends `/v1/completions` requests with the prompt rendered by the base model's ch
 the top `judge.top_logprobs` (servers cap it: OpenAI at 20), it parses the answer text instead and
 counts the label as hard. (Echoing the prompt plus each letter would get any letter's log-prob,
 but llama-cpp-python 0.3.36's server reports echoed log-probs one position off, so it is not used.)
-Bounded concurrency, per-request timeout, retries with exponential backoff. The API key is read
-from the environment variable named by `judge.api_key_env`; it is never stored or logged.
+At most `judge.concurrency` requests in flight; `judge.timeout_s` per socket read; a request that
+fails (HTTP 408/429/5xx, a dropped connection, a cut-off or non-JSON body, a timeout) is sent
+again, up to `judge.retries` times, after an exponential backoff with jitter (or the server's
+Retry-After), and each prompt's answer goes to that prompt's slot only, so a retry never adds or
+moves a label (tests/test_judge_load.py). The API key is read from the environment variable named
+by `judge.api_key_env`; it is never stored or logged.
 
 Reads the server; writes nothing.
 
@@ -16,11 +20,14 @@ Reads the server; writes nothing.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
 import os
+import random
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -67,23 +74,35 @@ class OpenAIJudge:
         self.jc, self.render = jc, render
         self.name = f"openai:{jc.model}"
         self.hard_labels = 0
+        self._lock = threading.Lock()  # hard_labels is counted from `concurrency` threads
         self.url = jc.base_url.rstrip("/") + "/completions"
 
     def _post(self, body: dict) -> dict:
         data = json.dumps(body).encode()
         last: Exception | None = None
+        wait = 0.0
         for attempt in range(self.jc.retries + 1):
             if attempt:
-                time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))  # exponential backoff
+                # Jitter, so that many workers refused at once (429 under load) do not come back at once.
+                time.sleep(wait or random.uniform(0.5, 1.0) * min(8.0, 0.5 * 2 ** (attempt - 1)))
+            wait = 0.0
             req = urllib.request.Request(self.url, data=data, headers=_headers(self.jc), method="POST")
             try:
                 with urllib.request.urlopen(req, timeout=self.jc.timeout_s) as r:
-                    return json.loads(r.read())
+                    res = json.loads(r.read())
+                if not isinstance(res, dict) or not isinstance(res.get("choices"), list) or not res["choices"] \
+                        or not isinstance(res["choices"][0], dict):
+                    raise ValueError(f"not a completions answer: {str(res)[:200]}")
+                return res
             except urllib.error.HTTPError as e:
                 last = e
                 if e.code not in RETRY_STATUS:
                     break
-            except (urllib.error.URLError, TimeoutError, OSError, json.JSONDecodeError) as e:
+                after = (e.headers or {}).get("Retry-After", "")
+                wait = min(30.0, float(after)) if after.replace(".", "", 1).isdigit() else 0.0
+            # OSError: refused, reset, timed out (URLError and TimeoutError are OSErrors);
+            # HTTPException: a status line or body cut off (IncompleteRead); ValueError: not JSON or not UTF-8.
+            except (OSError, http.client.HTTPException, ValueError) as e:
                 last = e
         raise JudgeServerError(f"{self.url}: {type(last).__name__}: {last}")
 
@@ -97,6 +116,7 @@ class OpenAIJudge:
             return None
         choice = res["choices"][0]
         top = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0] or {}
+        top = top if isinstance(top, dict) else {}  # another server's layout: fall back to the text
         found: dict[str, float] = {}
         for tok, lp in top.items():
             key = tok.strip()
@@ -109,7 +129,8 @@ class OpenAIJudge:
         # No log-probs for every letter: fall back to the answer text, and count it as a hard label.
         match = re.match(r"\s*\(?([A-Z])", choice.get("text", ""))
         if match and match.group(1) in letters:
-            self.hard_labels += 1
+            with self._lock:
+                self.hard_labels += 1
             return [1.0 if letter == match.group(1) else 0.0 for letter in letters]
         return None
 

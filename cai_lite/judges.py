@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cai_lite import constitution as C
-from cai_lite import data, generation, models, voting
+from cai_lite import adapter_files, data, generation, models, voting
 from cai_lite.config import Config, GenerationSettings, JudgeConfig
 from cai_lite.models import SharedBase
 
@@ -180,10 +180,15 @@ class LlamaCppJudge:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         if not Path(jc.gguf_path).is_file():
-            raise FileNotFoundError(f"judge.gguf_path: {jc.gguf_path!r}: file not found")
+            raise JudgeError(f"judge.gguf_path: {jc.gguf_path!r}: file not found")
         # logits_all=False: llama.cpp then keeps logits for the last position only, not n_ctx x n_vocab floats.
-        self.llm = load_gguf(jc.gguf_path, n_ctx=jc.n_ctx, n_threads=jc.n_threads, logits_all=False,
-                         verbose=False, seed=0)
+        try:
+            self.llm = load_gguf(jc.gguf_path, n_ctx=jc.n_ctx, n_threads=jc.n_threads, logits_all=False,
+                                 verbose=False, seed=0)
+        except ValueError as e:  # llama.cpp returned NULL and says only "Failed to load model": find out why
+            why = gguf_problems(jc.gguf_path) or [f"{jc.gguf_path}: llama.cpp cannot load it ({e}); is it a "
+                                                  "GGUF file of a model architecture llama.cpp supports?"]
+            raise JudgeError(f"judge.gguf_path: {why[0]}") from None
         self.name = f"llamacpp:{Path(jc.gguf_path).name}"
         self.hard_labels = 0
         self.evaluated_tokens = 0  # tokens actually run through the model (prefix reuse saves the rest)
@@ -273,6 +278,33 @@ def adapter_folder(cfg: Config, jc: JudgeConfig) -> Path | None:
     return Path(jc.adapter)
 
 
+def gguf_problems(path: str) -> list[str]:
+    """Why `path` is not a loadable GGUF file, found before any model loads (llama.cpp says only
+    "Failed to load model"): missing, no GGUF magic, or a header or tensor table that the `gguf`
+    reader cannot parse or that points past the end of the file (a truncated download)."""
+    import gguf
+
+    if not path or not Path(path).is_file():
+        return [f"{path!r}: GGUF file not found (export one with stages=[export] or python -m cai_lite.gguf_export)"]
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return [f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)"]
+    try:
+        gguf.GGUFReader(path)  # memory-maps the file: reads the header and tensor table, not the weights
+        return []
+    except (ValueError, IndexError, KeyError, OverflowError, OSError, MemoryError) as e:
+        why = f"{type(e).__name__}: {e}"
+    # The reader also fails on a quantization type newer than the gguf package: let llama.cpp decide.
+    try:
+        load_gguf(path, n_ctx=8, verbose=False).close()
+        return []
+    except ImportError:
+        pass
+    except ValueError:
+        why += "; llama.cpp cannot load it either"
+    return [f"{path}: a damaged or truncated GGUF file ({why})"]
+
+
 def check(cfg: Config) -> list[str]:
     """Judge problems found before any model loads: unknown adapter, missing GGUF, unset key
     variable, dead server."""
@@ -287,15 +319,10 @@ def check(cfg: Config) -> list[str]:
             if not will_exist and not (folder / "adapter_config.json").is_file():
                 errors.append(f"{where}.adapter: {jc.adapter!r}: no adapter at {folder} (use none, sft once the sft "
                               "stage has run, critique with critique_revise.critic_adapter set, or a PEFT folder)")
+            elif not will_exist:
+                errors += [f"{where}.adapter: {p}" for p in adapter_files.check(folder)]
         if jc.backend == "llamacpp":
-            if not jc.gguf_path or not Path(jc.gguf_path).is_file():
-                errors.append(f"{where}.gguf_path: {jc.gguf_path!r}: GGUF file not found "
-                              "(export one with stages=[export] or python -m cai_lite.gguf_export)")
-            else:
-                with open(jc.gguf_path, "rb") as f:
-                    if f.read(4) != b"GGUF":  # llama.cpp would only say "Failed to load model"
-                        errors.append(f"{where}.gguf_path: {jc.gguf_path}: not a GGUF file (it does not start "
-                                      "with the GGUF magic bytes)")
+            errors += [f"{where}.gguf_path: {p}" for p in gguf_problems(jc.gguf_path)]
             try:
                 import llama_cpp  # noqa: F401
             except ImportError:

@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from cai_lite import adapter_files
 from cai_lite.config import Config
+from cai_lite.data import DataError
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -242,31 +244,46 @@ def save_adapter(base: SharedBase, name: str, folder: str | Path) -> Path:
 
 def load_adapter(base: SharedBase, name: str, folder: str | Path, replace: bool = False) -> None:
     """Load a PEFT folder as `name` (frozen), with `head.safetensors` if there. Loading the folder an
-    adapter already came from is a no-op, so later stages in the same process don't load it twice."""
+    adapter already came from is a no-op, so later stages in the same process don't load it twice.
+    A folder that is incomplete, unreadable or made for another base raises DataError naming the file,
+    and leaves the base as it was, but for the adapter `name` it replaces."""
     folder = Path(folder)
-    if not (folder / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
+    config = adapter_files.read_config(folder)
+    if name in base.adapters and base.sources.get(name) == str(folder.resolve()) and not replace:
+        return
+    # Every file is read and checked before the base is touched.
+    saved = adapter_files.read_tensors(folder / "adapter_model.safetensors")
+    head = adapter_files.read_tensors(folder / "head.safetensors") if (folder / "head.safetensors").is_file() else None
     if name in base.adapters:
-        if base.sources.get(name) == str(folder.resolve()) and not replace:
-            return
         delete_adapter(base, name)
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"{folder}: no adapter_model.safetensors (cai_lite loads safetensors only)")
     # Not PEFT's load_adapter(): it takes a state dict of the whole model, which on CPU makes
     # bitsandbytes repack the shared 4-bit weights (see _lora_tensors). Add, then copy tensors in.
-    add_adapter(base, name, config=LoraConfig.from_pretrained(str(folder)))
-    saved = load_file(folder / "adapter_model.safetensors")
+    try:
+        add_adapter(base, name, config=config)
+    except (ValueError, TypeError, KeyError) as e:  # PEFT: target modules not in this model, bad options
+        if name in base.adapters:
+            delete_adapter(base, name)
+        raise DataError(f"{folder}/adapter_config.json: PEFT cannot add this adapter to the base "
+                        f"({type(e).__name__}: {e})") from None
     mine = dict(_lora_tensors(base, name))
     missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
-    if missing or extra:
+    problems = [f"missing {missing[:2]}, unexpected {extra[:2]}"] if missing or extra else []
+    problems += [f"{k} has shape {list(saved[k].shape)}, the base needs {list(t.shape)}"
+                 for k, t in mine.items() if k in saved and saved[k].shape != t.shape][:2]
+    if head is not None:
+        want = {"weight": [1, base.hidden_size], "bias": [1]}
+        got = {k: list(v.shape) for k, v in head.items()}
+        if got != want:
+            problems.append(f"{folder / 'head.safetensors'} holds {got}, the base needs {want}")
+    if problems:
         delete_adapter(base, name)
-        raise ValueError(f"{folder}: adapter does not fit this base (missing {missing[:2]}, unexpected {extra[:2]})")
+        raise DataError(f"{folder}: adapter does not fit this base ({'; '.join(problems)})")
     with torch.no_grad():
         for key, tensor in mine.items():
             tensor.copy_(saved[key])
-    if (folder / "head.safetensors").is_file():
+    if head is not None:
         base.heads[name] = _new_head(base)
-        base.heads[name].load_state_dict(load_file(folder / "head.safetensors", device=str(base.device)))
+        base.heads[name].load_state_dict(head)
     base.sources[name] = str(folder.resolve())
     freeze(base, name)
 

@@ -10,6 +10,7 @@ Reads nothing from disk; `load_reward_stats()` reads `reward_model/reward_stats.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,8 +151,27 @@ def score_texts(base: SharedBase, texts: list[str], batch_size: int, max_tokens:
 
 
 def load_reward_stats(run_dir: Path) -> dict:
-    """Mean and std of the reward model's scores on its training responses, for normalisation."""
-    return json.loads((run_dir / "reward_model" / "reward_stats.json").read_text())
+    """Mean and std of the reward model's scores on its training responses, for normalisation.
+    A missing or damaged file raises data.DataError naming it: RL would otherwise divide by garbage."""
+    path = run_dir / "reward_model" / "reward_stats.json"
+    redo = "; rerun the reward model with force=[reward_model]"
+    try:
+        stats = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise data.DataError(f"{path}: file not found{redo}") from None
+    except json.JSONDecodeError as e:
+        raise data.DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){redo}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise data.DataError(f"{path}: cannot read it ({type(e).__name__}: {e}){redo}") from None
+    if not isinstance(stats, dict):
+        raise data.DataError(f"{path}: expected a JSON object with mean and std{redo}")
+    for key in ("mean", "std"):
+        v = stats.get(key)
+        # bool is an int in Python; json gives NaN/Infinity as floats.
+        if type(v) not in (int, float) or not math.isfinite(v) or (key == "std" and v < 0):
+            want = "a finite number >= 0" if key == "std" else "a finite number"
+            raise data.DataError(f"{path}: {key} must be {want} (got {v!r}){redo}")
+    return stats
 
 
 def load_roles(base: SharedBase, run_dir: Path) -> None:

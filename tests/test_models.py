@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from cai_lite import models, rollout
+from cai_lite.data import DataError
 
 from conftest import tiny_config
 
@@ -157,7 +158,7 @@ def test_save_and_load_round_trip(base3, tmp_path):
                               score, atol=1e-6)
     assert not any(p.requires_grad for p in models.adapter_parameters(base3, "reward_copy"))
     models.delete_adapter(base3, "reward_copy")
-    with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder"):
+    with pytest.raises(DataError, match="not a PEFT adapter folder"):
         models.load_adapter(base3, "x", tmp_path / "missing")
 
 
