@@ -214,7 +214,7 @@ def ppo_step(m: Model, s: Settings, prompts: int, prompt_len: int, response_len:
     every prompt) and the update (one minibatch's training pass) come one after the other: the peak
     is the larger of the two."""
     seq = prompt_len + response_len
-    rollout = {"kv_cache": kv_cache(m, s, prompts, seq) + prefill(m, s, prompts, prompt_len)}
+    rollout = {"activations": prefill(m, s, prompts, prompt_len), "kv_cache": kv_cache(m, s, prompts, seq)}
     update = {"activations": training_activations(m, s, minibatch, seq),
               "logits": chunked_logits(m, s, minibatch * response_len)}
     phase = update if sum(update.values()) >= sum(rollout.values()) else rollout
@@ -222,8 +222,10 @@ def ppo_step(m: Model, s: Settings, prompts: int, prompt_len: int, response_len:
 
 
 def generation_stage(m: Model, s: Settings, batch: int, prompt_len: int, new_tokens: int, n_adapters: int) -> dict:
-    return {"adapters": adapters(m, s, n_adapters), "kv_cache": kv_cache(m, s, batch, prompt_len + new_tokens)
-            + prefill(m, s, batch, prompt_len)}
+    """Sampling: the KV cache of every sequence at full length, and the prompt's prefill (counted at
+    once, a slight overestimate: at the end of prefill the cache holds only the prompt)."""
+    return {"adapters": adapters(m, s, n_adapters), "activations": prefill(m, s, batch, prompt_len),
+            "kv_cache": kv_cache(m, s, batch, prompt_len + new_tokens)}
 
 
 def stage_terms(cfg: Config, m: Model, s: Settings, stage: str) -> dict | None:
@@ -242,10 +244,11 @@ def stage_terms(cfg: Config, m: Model, s: Settings, stage: str) -> dict | None:
         r = cfg.rloo
         t = {"adapters": adapters(m, s, 4), "optimizer": optimizer(m, s, 1)}
         n = r.batch_size * r.num_samples
-        gen = kv_cache(m, s, n, g.max_prompt_tokens + r.max_new_tokens) + prefill(m, s, n, g.max_prompt_tokens)
-        train = training_activations(m, s, n, g.max_prompt_tokens + r.max_new_tokens) \
-            + full_logits(m, s, n * r.max_new_tokens)  # TRL computes full-vocabulary log-probs
-        return t | ({"kv_cache": gen} if gen > train else {"activations": train})
+        gen = {"activations": prefill(m, s, n, g.max_prompt_tokens),
+               "kv_cache": kv_cache(m, s, n, g.max_prompt_tokens + r.max_new_tokens)}
+        train = {"activations": training_activations(m, s, n, g.max_prompt_tokens + r.max_new_tokens),
+                 "logits": full_logits(m, s, n * r.max_new_tokens)}  # TRL computes full-vocabulary log-probs
+        return t | (gen if sum(gen.values()) > sum(train.values()) else train)
     if stage == "dpo":
         d = cfg.dpo  # chosen and rejected in one batch, policy and reference (no-grad) forwards
         return {"adapters": adapters(m, s, 3), "optimizer": optimizer(m, s, 1),
