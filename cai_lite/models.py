@@ -225,20 +225,31 @@ def load_adapter(base: SharedBase, name: str, folder: str | Path, replace: bool 
     # Not PEFT's load_adapter(): it takes a state dict of the whole model, which on CPU makes
     # bitsandbytes repack the shared 4-bit weights (see _lora_tensors). Add, then copy tensors in.
     add_adapter(base, name, config=LoraConfig.from_pretrained(str(folder)))
+    if (folder / "head.safetensors").is_file():
+        base.heads[name] = _new_head(base)
+    try:
+        fill_adapter(base, name, folder)
+    except ValueError:
+        delete_adapter(base, name)
+        raise
+    base.sources[name] = str(folder.resolve())
+    freeze(base, name)
+
+
+def fill_adapter(base: SharedBase, name: str, folder: str | Path) -> None:
+    """Copy a saved adapter folder's tensors (and head) into the existing adapter `name`, in place:
+    the Parameter objects stay the same, so an optimizer that holds them can resume training."""
+    folder = Path(folder)
     saved = load_file(folder / "adapter_model.safetensors")
     mine = dict(_lora_tensors(base, name))
     missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
     if missing or extra:
-        delete_adapter(base, name)
         raise ValueError(f"{folder}: adapter does not fit this base (missing {missing[:2]}, unexpected {extra[:2]})")
     with torch.no_grad():
         for key, tensor in mine.items():
             tensor.copy_(saved[key])
     if (folder / "head.safetensors").is_file():
-        base.heads[name] = _new_head(base)
         base.heads[name].load_state_dict(load_file(folder / "head.safetensors", device=str(base.device)))
-    base.sources[name] = str(folder.resolve())
-    freeze(base, name)
 
 
 def _index(model: PeftModel) -> tuple[list[BaseTunerLayer], list[tuple[str, torch.nn.Parameter]]]:
