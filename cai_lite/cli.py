@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("\ncai_lite: interrupted. Finished stages and shards are kept; run the same command again to "
-              "resume (a redo that was under way puts the output it replaced back).", file=sys.stderr)
+              "resume (training continues from its last checkpoint, <stage>/checkpoint/; a redo that was under "
+              "way puts the output it replaced back).", file=sys.stderr)
         return 130
     print(pipeline.summary(cfg, results))
     return 0

@@ -141,6 +141,8 @@ class SFTConfig:
     """Prompt + revision tokens per row (longer rows are truncated)."""
     warmup_ratio: float = 0.03
     """Share of steps with linear warm-up."""
+    save_every: int = 50
+    """Write a checkpoint (adapter, optimizer, scheduler, random generators, step) to `sft/checkpoint/` every this many optimizer steps, so a rerun of a killed run resumes there (0 = never). Not part of the config hash."""
 
 
 @dataclass
@@ -221,6 +223,8 @@ class RewardConfig:
     """Share of pairs held out for accuracy and calibration."""
     max_seq_len: int = 1024
     """Prompt + response tokens per sequence."""
+    save_every: int = 50
+    """Write a checkpoint (adapter + head, optimizer, random generators, step) to `reward_model/checkpoint/` every this many optimizer steps, so a rerun of a killed run resumes there (0 = never). Not part of the config hash."""
 
 
 @dataclass
@@ -265,6 +269,8 @@ class PPOConfig:
     """Weight of the value loss."""
     missing_eos_penalty: float = 1.0
     """Subtracted from the reward of responses that hit the length cap without EOS."""
+    save_every: int = 50
+    """Write a checkpoint (policy and value adapters, optimizer, KL coefficient, random generators, step) to `ppo/checkpoint/` every this many steps, so a rerun of a killed run resumes there (0 = never). Not part of the config hash."""
 
 
 @dataclass
@@ -291,6 +297,8 @@ class RLOOConfig:
     """Sampling temperature."""
     missing_eos_penalty: float = 1.0
     """Subtracted from the reward of responses without EOS."""
+    save_every: int = 50
+    """Write a checkpoint (adapter, optimizer, scheduler, random generators, step) to `rloo/checkpoint/` every this many steps, so a rerun of a killed run resumes there (0 = never). Not part of the config hash."""
 
 
 @dataclass
@@ -315,6 +323,8 @@ class DPOConfig:
     """Compute reference log-probs once before training (saves a forward per step)."""
     max_seq_len: int = 1024
     """Prompt + response tokens per sequence."""
+    save_every: int = 50
+    """Write a checkpoint (adapter, optimizer, scheduler, random generators, step) to `dpo/checkpoint/` every this many optimizer steps, so a rerun of a killed run resumes there (0 = never). Not part of the config hash."""
 
 
 @dataclass

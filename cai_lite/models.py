@@ -265,6 +265,28 @@ def load_adapter(base: SharedBase, name: str, folder: str | Path, replace: bool 
             delete_adapter(base, name)
         raise DataError(f"{folder}/adapter_config.json: PEFT cannot add this adapter to the base "
                         f"({type(e).__name__}: {e})") from None
+    if head is not None:
+        base.heads[name] = _new_head(base)
+    try:
+        _copy_in(base, name, folder, saved, head)
+    except DataError:
+        delete_adapter(base, name)
+        raise
+    base.sources[name] = str(folder.resolve())
+    freeze(base, name)
+
+
+def fill_adapter(base: SharedBase, name: str, folder: str | Path) -> None:
+    """Copy a saved adapter folder's tensors (and head) into the existing adapter `name`, in place:
+    the Parameter objects stay the same, so an optimizer that holds them can resume training."""
+    folder = Path(folder)
+    saved = adapter_files.read_tensors(folder / "adapter_model.safetensors")
+    head = adapter_files.read_tensors(folder / "head.safetensors") if (folder / "head.safetensors").is_file() else None
+    _copy_in(base, name, folder, saved, head)
+
+
+def _copy_in(base: SharedBase, name: str, folder: Path, saved: dict, head: dict | None) -> None:
+    """Check that saved tensors fit adapter `name` (and its head), then copy them into it."""
     mine = dict(_lora_tensors(base, name))
     missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
     problems = [f"missing {missing[:2]}, unexpected {extra[:2]}"] if missing or extra else []
@@ -276,16 +298,12 @@ def load_adapter(base: SharedBase, name: str, folder: str | Path, replace: bool 
         if got != want:
             problems.append(f"{folder / 'head.safetensors'} holds {got}, the base needs {want}")
     if problems:
-        delete_adapter(base, name)
         raise DataError(f"{folder}: adapter does not fit this base ({'; '.join(problems)})")
     with torch.no_grad():
         for key, tensor in mine.items():
             tensor.copy_(saved[key])
     if head is not None:
-        base.heads[name] = _new_head(base)
-        base.heads[name].load_state_dict(head)
-    base.sources[name] = str(folder.resolve())
-    freeze(base, name)
+        base.heads[name].load_state_dict(head)  # in place: the head's Parameters stay the same objects
 
 
 def _index(model: PeftModel) -> tuple[list[BaseTunerLayer], list[tuple[str, torch.nn.Parameter]]]:

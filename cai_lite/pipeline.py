@@ -90,7 +90,9 @@ def _pick(cfg: Config, key: str):
         judges = [value] if key == "judge" else value
         picked = [{k: v for k, v in dataclasses.asdict(j).items() if k not in UNHASHED} for j in judges]
         return picked[0] if key == "judge" else picked
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    if dataclasses.is_dataclass(value):  # save_every: how often to checkpoint, never what is made
+        return {k: v for k, v in dataclasses.asdict(value).items() if k != "save_every"}
+    return value
 
 
 def _flatten(d, prefix: str = "") -> dict:

@@ -212,7 +212,8 @@ def validate(cfg: Config) -> list[str]:
     at_least_zero = ["data.limit", "data.eval_prompts", "critique_revise.few_shot", "critique_revise.helpful_limit",
                      "label_preferences.max_prompts", "label_preferences.few_shot", "label_preferences.helpful_limit",
                      "ppo.helpful_limit", "rloo.helpful_limit", "evaluate.helpful_limit", "evaluate.prompts_limit",
-                     "evaluate.paper_eval_limit", "judge.retries"]
+                     "evaluate.paper_eval_limit", "judge.retries", "sft.save_every", "reward_model.save_every",
+                     "ppo.save_every", "rloo.save_every", "dpo.save_every"]
     # Real-valued keys: (key, lowest, highest, lowest allowed itself). A negative temperature would
     # quietly mean greedy, a negative learning rate would train backwards: refuse both by name.
     bounded = [(k, 0.0, None, False) for k in ("sft.lr", "reward_model.lr", "ppo.lr", "rloo.lr", "dpo.lr", "dpo.beta",

@@ -7,14 +7,14 @@ labels into cDPO label smoothing (`dpo.label_smoothing=soft`: eps = mean(1 - max
 the judge's average doubt); precompute reference log-probs once.
 
 Reads `label_preferences/part-*.jsonl` and `sft/adapter`. Writes `dpo/adapter/`, `dpo/log.jsonl`
-and TensorBoard logs under `dpo/tensorboard/`.
+(a line per step), TensorBoard logs under `dpo/tensorboard/` and, every `dpo.save_every` steps,
+`dpo/checkpoint/`, which a rerun resumes from (deleted at the end).
 
     python run.py recipe=tiny_cpu stages=[dpo]
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import DPOConfig, DPOTrainer
 
-from cai_lite import data, models
+from cai_lite import checkpoint, data, models
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -61,14 +61,19 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         precompute_ref_log_probs=dc.precompute_ref_log_probs,
         max_length=dc.max_seq_len,
     )
+    resumed = checkpoint.steps_done(checkpoint.folder(out))
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1)  # drop what is done again
     with models.trl_policy(base, "sft") as model:
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=base.tokenizer,
-                             callbacks=[TensorBoardCallback(SummaryWriter(str(out / "tensorboard")))])
-        trainer.train()
+                             callbacks=[TensorBoardCallback(writer),
+                                        checkpoint.JsonlLog(out / "log.jsonl",
+                                                            lambda h, i: h if "rewards/margins" in h else None),
+                                        checkpoint.TrainerCheckpoints(out, base, "default", dc.save_every)])
+        checkpoint.train(trainer, base, "default", out)
         models.save_adapter(base, "default", out / "adapter")
+    checkpoint.done(out)
     history = [h for h in trainer.state.log_history if "rewards/margins" in h]
-    (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     margins = [h["rewards/margins"] for h in history]
     k = max(1, min(3, len(margins) // 3))
     metrics = {
@@ -81,6 +86,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         "margin_last": sum(margins[-k:]) / k if margins else None,
         "loss_first": history[0]["loss"] if history else None,
         "loss_last": history[-1]["loss"] if history else None,
+        "resumed_from_step": resumed,
         "when_to_use": "DPO: offline, no reward model or sampling, the least memory and compute; it cannot improve "
                        "beyond the labelled pairs, so use PPO/RLOO when you can afford on-policy samples.",
     }

@@ -11,7 +11,9 @@ Roles, switched by `models.role` (which restores the active adapter and requires
 
 Reads `sft/adapter`, `reward_model/adapter`, `reward_model/reward_stats.json`, the prompts and the
 helpful prompts of the mix (`ppo.helpful_prompts`).
-Writes `ppo/adapter/` (the policy), `ppo/log.jsonl` (one line per step) and TensorBoard logs under `ppo/tensorboard/`.
+Writes `ppo/adapter/` (the policy), `ppo/log.jsonl` (one line per step), TensorBoard logs under `ppo/tensorboard/`
+and, every `ppo.save_every` steps, `ppo/checkpoint/` (policy, value and head, optimizer, KL coefficient, random
+generators, history), which a rerun resumes from, bit for bit (deleted at the end).
 
     python run.py recipe=tiny_cpu stages=[ppo]
 """
@@ -28,7 +30,7 @@ import transformers
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from cai_lite import data, losses, models, rollout, rundir
+from cai_lite import checkpoint, data, losses, models, rollout, rundir
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -85,10 +87,16 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=0.0)
     kl_ctl = KLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
     stream = prompt_stream(rl_prompts(cfg), pc.batch_size, cfg.seed)
-    writer = SummaryWriter(str(out / "tensorboard"))
-    history = []
+    # After the optimizer exists: the checkpoint restores it with both adapters and the random generators.
+    resumed = (checkpoint.restore(out, base, ["policy", "value"], opt)
+               or {"step": 0, "history": [], "kl_coef": kl_ctl.coef})
+    start, history, kl_ctl.coef = resumed["step"], resumed["history"], resumed["kl_coef"]
+    for _ in range(start):
+        next(stream)  # seeded: skipping the batches already trained on puts it where it was
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start)  # drop what is done again
     with (out / "log.jsonl").open("w") as log_file:
-        for step in (bar := tqdm(range(pc.steps), desc="ppo")):
+        log_file.writelines(json.dumps(h) + "\n" for h in history)
+        for step in (bar := tqdm(range(start, pc.steps), desc="ppo", initial=start, total=pc.steps)):
             rec = ppo_step(cfg, base, next(stream), stats, kl_ctl, opt, params)
             rec["step"] = step
             history.append(rec)
@@ -97,8 +105,12 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
             for k, v in rec.items():
                 writer.add_scalar(f"ppo/{k}", v, step)
             bar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl']:.3f}")
+            if checkpoint.due(step + 1, pc.save_every, pc.steps):
+                checkpoint.save(out, base, ["policy", "value"], opt,
+                                {"step": step + 1, "history": history, "kl_coef": kl_ctl.coef})
     writer.close()
     models.save_adapter(base, "policy", out / "adapter")
+    checkpoint.done(out)
     k = max(1, min(3, len(history) // 3))
     first = sum(h["reward"] for h in history[:k]) / k
     last = sum(h["reward"] for h in history[-k:]) / k
@@ -113,6 +125,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         "kl_last": history[-1]["kl"],
         "kl_max": max(h["kl"] for h in history),
         "kl_coef_last": kl_ctl.coef,
+        "resumed_from_step": start,
         "value_head": "separate `value` adapter + head, initialised from the reward model",
         "when_to_use": "PPO: the most sample-efficient of the three and the CAI paper's choice; it trains a value "
                        "function, so it costs the most memory and compute per step.",

@@ -5,7 +5,8 @@ soft labels, so the loop is ours: it is short.
 Reads `label_preferences/part-*.jsonl` (rows with p_a; failed labels are skipped and counted).
 Writes `reward_model/adapter/` (PEFT folder + head.safetensors), `reward_model/reward_stats.json`
 (mean/std of scores on the training responses, for normalising RL rewards), `log.jsonl` (flushed
-per step) and TensorBoard scalars under `reward_model/tensorboard/`.
+per step), TensorBoard scalars under `reward_model/tensorboard/` and, every `reward_model.save_every`
+steps, `reward_model/checkpoint/`, which a rerun resumes from (deleted at the end).
 
     python run.py recipe=tiny_cpu stages=[reward_model]
 """
@@ -21,7 +22,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from cai_lite import data, generation, losses, models, rollout
+from cai_lite import checkpoint, data, generation, losses, models, rollout
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -80,13 +81,17 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     models.add_head(base, "reward")
     params = models.adapter_parameters(base, "reward")
     opt = torch.optim.AdamW(params, lr=rm.lr, weight_decay=0.0)
-    history = []
     batches = [train[i:i + rm.batch_size] for e in range(rm.epochs)
                for i in range(0, len(train), rm.batch_size)]
-    writer = SummaryWriter(str(out / "tensorboard"))
+    # After the optimizer exists: the checkpoint restores it with the weights and the random generators.
+    resumed = checkpoint.restore(out, base, ["reward"], opt) or {"step": 0, "history": []}
+    start, history = resumed["step"], resumed["history"]
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start)  # drop what is done again
     with models.role(base, "reward", trainable=True) as model, (out / "log.jsonl").open("w") as log_file:
+        log_file.writelines(json.dumps(h) + "\n" for h in history)
         model.train()
-        for step, chunk in enumerate(tqdm(batches, desc="reward model")):
+        bar = tqdm(batches[start:], desc="reward model", initial=start, total=len(batches))
+        for step, chunk in enumerate(bar, start):
             r_a, r_b = pair_scores(base, chunk, rm.max_seq_len)
             p = torch.tensor([r["p_a"] for r in chunk], device=r_a.device)
             loss = loss_fn(cfg, r_a, r_b, p)
@@ -98,6 +103,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
             log_file.write(json.dumps(history[-1]) + "\n")
             log_file.flush()
             writer.add_scalar("reward_model/loss", loss.item(), step)
+            if checkpoint.due(step + 1, rm.save_every, len(batches)):
+                checkpoint.save(out, base, ["reward"], opt, {"step": step + 1, "history": history})
         model.eval()
     models.freeze(base, "reward")
     evaluation = evaluate_pairs(base, held, rm.batch_size, rm.max_seq_len)
@@ -109,6 +116,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
                            [r[k] for r in train for k in ("response_a", "response_b")], rm.batch_size, rm.max_seq_len)
     stats = {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 1.0}
     models.save_adapter(base, "reward", out / "adapter")
+    checkpoint.done(out)
     base.sources["reward"] = str((out / "adapter").resolve())
     (out / "reward_stats.json").write_text(json.dumps(stats) + "\n")
     acct = models.memory_account(base)
@@ -125,6 +133,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         "reward_stats": stats,
         "adapter_bytes": acct["adapter_bytes"]["reward"],
         "head_bytes": acct["head_bytes"]["reward"],
+        "resumed_from_step": start,
     }
     log.info("reward model: loss %.3f -> %.3f, held-out accuracy %s", metrics["loss_first"], metrics["loss_last"],
              evaluation["accuracy"])

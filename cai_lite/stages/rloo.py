@@ -9,7 +9,8 @@ others. No value function, so it needs less memory than PPO. TRL shares our base
 
 Reads `sft/adapter`, `reward_model/adapter`, `reward_model/reward_stats.json`, the prompts and the
 helpful prompts of the mix (`rloo.helpful_prompts`).
-Writes `rloo/adapter/`, `rloo/log.jsonl` (per step) and TensorBoard logs under `rloo/tensorboard/`.
+Writes `rloo/adapter/`, `rloo/log.jsonl` (a line per step), TensorBoard logs under `rloo/tensorboard/`
+and, every `rloo.save_every` steps, `rloo/checkpoint/`, which a rerun resumes from (deleted at the end).
 
     python run.py recipe=tiny_cpu stages=[rloo]
 """
@@ -27,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import RLOOConfig, RLOOTrainer
 
-from cai_lite import data, models, rollout
+from cai_lite import checkpoint, data, models, rollout
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -44,7 +45,10 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     rollout.load_roles(base, cfg.path)
     stats = rollout.load_reward_stats(cfg.path)
     eos = models.eos_ids(base)  # TRL stops at any of the generation config's EOS ids
-    raw_means: list[float] = []
+    ckpt = checkpoint.folder(out)
+    resumed = checkpoint.steps_done(ckpt)
+    # The raw reward of each step so far: ours, not TRL's, so the checkpoint carries it.
+    raw_means: list[float] = json.loads((ckpt / "state.json").read_text())["raw_means"] if ckpt else []
 
     def reward_fn(prompts, completions, completion_ids, **_) -> list[float]:
         # Conversational rows: the prompt is a message list, the completion a one-message list.
@@ -74,16 +78,21 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         disable_dropout=True,
         max_steps=rc.steps,
     )
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1)  # drop what is done again
+    # TRL generates once per optimizer step here (steps_per_generation = gradient_accumulation_steps = 1),
+    # so the i-th step's log goes with the i-th reward call, also after a resume.
     with models.trl_policy(base, "sft") as model:
         trainer = RLOOTrainer(model=model, reward_funcs=[reward_fn], args=args, train_dataset=Dataset.from_list(rows),
                               processing_class=base.tokenizer,
-                              callbacks=[TensorBoardCallback(SummaryWriter(str(out / "tensorboard")))])
-        trainer.train()
+                              callbacks=[TensorBoardCallback(writer),
+                                         checkpoint.JsonlLog(out / "log.jsonl", lambda h, i: (
+                                             {**h, "reward_raw": raw_means[i]} if "reward" in h else None)),
+                                         checkpoint.TrainerCheckpoints(out, base, "default", rc.save_every,
+                                                                       lambda: {"raw_means": raw_means})])
+        checkpoint.train(trainer, base, "default", out)
         models.save_adapter(base, "default", out / "adapter")
+    checkpoint.done(out)
     history = [h for h in trainer.state.log_history if "reward" in h]
-    with (out / "log.jsonl").open("w") as f:
-        for h, raw in zip(history, raw_means):
-            f.write(json.dumps({**h, "reward_raw": raw}) + "\n")
     k = max(1, min(3, len(raw_means) // 3))
     first, last = sum(raw_means[:k]) / k, sum(raw_means[-k:]) / k
     log.info("rloo: reward %.3f -> %.3f over %d steps", first, last, len(raw_means))
@@ -95,6 +104,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         "reward_rose": last > first,
         "kl_last": history[-1].get("kl") if history else None,
         "kl_max": max((h.get("kl") or 0.0) for h in history) if history else None,
+        "resumed_from_step": resumed,
         "when_to_use": "RLOO: no value function, so less memory and fewer moving parts than PPO; needs several "
                        "samples per prompt (rloo.num_samples) for its leave-one-out baseline.",
     }

@@ -2,14 +2,14 @@
 revisions from critique_revise (CAI §3). The loss covers the completion (the revision) only.
 
 Reads `critique_revise/part-*.jsonl`. Writes `sft/adapter/` (PEFT format, safetensors), TensorBoard
-logs under `sft/tensorboard/`, and `sft/train_log.jsonl` (the trainer's log history).
+logs under `sft/tensorboard/`, `sft/train_log.jsonl` (the trainer's log history, a line per step) and,
+every `sft.save_every` steps, `sft/checkpoint/`, which a rerun resumes from (deleted at the end).
 
     python run.py recipe=tiny_cpu stages=[critique_revise,sft]
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig, SFTTrainer
 
-from cai_lite import data, models
+from cai_lite import checkpoint, data, models
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -67,16 +67,23 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         warmup_steps=s.warmup_ratio,  # transformers 5: a float below 1 is a ratio of total steps
         completion_only_loss=True,  # the loss is on the revision, not on the red-team prompt
     )
+    ckpt = checkpoint.folder(out)
+    resumed = checkpoint.steps_done(ckpt)
+    tokens_before = max((h.get("num_tokens", 0) for h in checkpoint.logged(ckpt)), default=0)
+    # purge_step: TensorBoard drops what a killed run logged after its checkpoint (Trainer counts from 1).
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1)
     with models.role(base, "sft", trainable=True) as model:
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                              processing_class=base.tokenizer,
-                             callbacks=[TensorBoardCallback(SummaryWriter(str(out / "tensorboard")))])
-        result = trainer.train()
+                             callbacks=[TensorBoardCallback(writer), checkpoint.JsonlLog(out / "train_log.jsonl"),
+                                        checkpoint.TrainerCheckpoints(out, base, "sft", s.save_every)])
+        trainer._total_train_tokens = int(tokens_before)  # TRL counts tokens outside the state a resume restores
+        result = checkpoint.train(trainer, base, "sft", out)
     base.model.eval()
     models.save_adapter(base, "sft", out / "adapter")
+    checkpoint.done(out)
     base.sources["sft"] = str((out / "adapter").resolve())
     history = trainer.state.log_history
-    (out / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     ls = losses(history)
     tokens = max((h.get("num_tokens", 0) for h in history), default=0)
     metrics = {
@@ -84,8 +91,9 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         "steps": trainer.state.global_step,
         "loss_first": ls[0] if ls else None,
         "loss_last": ls[-1] if ls else None,
-        "tokens_per_second": round(tokens / max(result.metrics["train_runtime"], 1e-9), 1),
+        "tokens_per_second": round((tokens - tokens_before) / max(result.metrics["train_runtime"], 1e-9), 1),
         "targets": s.targets,
+        "resumed_from_step": resumed,
     }
     log.info("sft: %d rows, %d steps, loss %.3f -> %.3f", len(train), metrics["steps"], ls[0], ls[-1])
     return metrics

@@ -1,0 +1,182 @@
+"""Resumable training: a small checkpoint every `<stage>.save_every` optimizer steps, and training
+logs written a line per step, so a killed sft, reward_model, ppo, rloo or dpo run continues where it
+was and ends with the very weights an uninterrupted run ends with.
+
+Writes `<stage>/checkpoint/` atomically (built as `checkpoint.tmp/`, then renamed; the one before
+is kept as `checkpoint.old/` for the instant between two renames), and deletes it when the stage
+has saved its adapter. It holds only what training changes:
+  - `adapters/<name>/`: each trained adapter as a PEFT folder (+ `head.safetensors`), written from
+    the parameters themselves: a state dict of the model would make bitsandbytes repack the 4-bit
+    base on CPU (see models._lora_tensors), and the base and the frozen adapters never change;
+  - `optimizer.pt`, `rng_state.pth` (python, numpy, torch and CUDA generators) and `state.json`
+    (step, plus what the stage's own loop needs: its history, the KL coefficient, ...);
+  - for TRL trainers also `scheduler.pt` and `trainer_state.json`, in the names and formats
+    transformers' `Trainer.train(resume_from_checkpoint=...)` reads, so the Trainer itself skips
+    the batches already seen and restores optimizer, scheduler and generators.
+The pipeline keeps a stage's folder only when its `.resume_key` (config hash + the inputs read)
+matches this run, so a checkpoint is never resumed under another config: that starts over.
+
+    python run.py recipe=tiny_cpu stages=[ppo] ppo.save_every=1   # kill it, run it again: it resumes
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_pt_utils import safe_globals
+
+from cai_lite import models
+from cai_lite.models import SharedBase
+
+log = logging.getLogger(__name__)
+
+
+def folder(out: Path) -> Path | None:
+    """The latest complete checkpoint of the stage writing to `out`, or None."""
+    for name in ("checkpoint", "checkpoint.old"):  # .old: killed between the two renames of save()
+        if (out / name / "state.json").is_file():
+            return out / name
+    return None
+
+
+def steps_done(ckpt: Path | None) -> int:
+    """Optimizer steps a checkpoint has behind it (0 for none)."""
+    return json.loads((ckpt / "state.json").read_text())["step"] if ckpt is not None else 0
+
+
+def logged(ckpt: Path | None) -> list[dict]:
+    """The Trainer's log history saved in a checkpoint ([] for none)."""
+    return json.loads((ckpt / "trainer_state.json").read_text())["log_history"] if ckpt is not None else []
+
+
+def save(out: Path, base: SharedBase, adapters: list[str], optimizer: torch.optim.Optimizer, state: dict,
+         write_more: Callable[[Path], None] | None = None) -> Path:
+    """Write `out/checkpoint/` atomically: the trained adapters, the optimizer, every random generator's
+    state and `state` (JSON, with at least `step`). `write_more(tmp)` adds files (the Trainer's)."""
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a save that was killed half-way
+    tmp.mkdir(parents=True)
+    for name in adapters:
+        models.save_adapter(base, name, tmp / "adapters" / name)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.random.get_rng_state()
+    torch.save(rng, tmp / "rng_state.pth")  # transformers' own file name and format
+    if write_more is not None:
+        write_more(tmp)
+    (tmp / "state.json").write_text(json.dumps(state) + "\n")  # last: folder() trusts a folder that has it
+    if final.exists():  # then any old one is stale; without it, old may be the only complete one left
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("checkpoint at step %d", state["step"])
+    return final
+
+
+def restore(out: Path, base: SharedBase, adapters: list[str], optimizer: torch.optim.Optimizer) -> dict | None:
+    """For a hand-written loop: put the latest checkpoint's adapters, optimizer and generators back in
+    place and return its state (None, and nothing touched, when there is none)."""
+    ckpt = folder(out)
+    if ckpt is None:
+        return None
+    for name in adapters:
+        models.fill_adapter(base, name, ckpt / "adapters" / name)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=base.device, weights_only=True))
+    with safe_globals():  # numpy's generator state is an array: allow just that in a weights-only load
+        rng = torch.load(ckpt / "rng_state.pth", weights_only=True)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.random.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.random.set_rng_state(rng["cuda"])
+    state = json.loads((ckpt / "state.json").read_text())
+    log.info("resuming from the checkpoint at step %d (%s)", state["step"], ckpt)
+    return state
+
+
+def done(out: Path) -> None:
+    """The stage saved its adapter: its checkpoints are no longer needed."""
+    for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Checkpoint after `step` (1-based)? Every `every` steps, never after the last one (the adapter follows)."""
+    return every > 0 and step % every == 0 and step < last
+
+
+class TrainerCheckpoints(TrainerCallback):
+    """Checkpoints of a TRL/transformers Trainer, every `every` optimizer steps, in our format.
+
+    Saved from on_log, which follows the step's log entry (trl_args logs every step), so the saved
+    log history has the step in it. Trainer's own saving is off: it would write every adapter on the
+    shared base through a state dict of the whole model, and not atomically."""
+
+    def __init__(self, out: Path, base: SharedBase, adapter: str, every: int, extra: Callable[[], dict] = dict):
+        self.out, self.base, self.adapter, self.every, self.extra = out, base, adapter, every, extra
+        self.saved_at = -1
+
+    def on_log(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        step = state.global_step
+        if step == self.saved_at or not due(step, self.every, state.max_steps):
+            return
+
+        def trainer_files(tmp: Path) -> None:
+            torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            state.save_to_json(str(tmp / "trainer_state.json"))
+
+        save(self.out, self.base, [self.adapter], optimizer, {"step": step, **self.extra()}, trainer_files)
+        self.saved_at = step
+
+
+def train(trainer, base: SharedBase, adapter: str, out: Path):
+    """`trainer.train()`, continued from `out`'s checkpoint when there is one. Returns its TrainOutput."""
+    ckpt = folder(out)
+    if ckpt is None:
+        return trainer.train()
+    log.info("resuming from the checkpoint at step %d (%s)", steps_done(ckpt), ckpt)
+    # After the trainer is built: TRL's `ref` adapter is a copy of `default` as it was then (the SL-CAI model).
+    models.fill_adapter(base, adapter, ckpt / "adapters" / adapter)
+    # The weights are in place. Trainer would reload them with PEFT's load_adapter, which reads a state
+    # dict of the whole model (on CPU bitsandbytes then repacks the 4-bit base, see models._lora_tensors).
+    trainer._load_from_checkpoint = lambda *args, **kwargs: None
+    return trainer.train(resume_from_checkpoint=str(ckpt))
+
+
+class JsonlLog(TrainerCallback):
+    """The Trainer's log entries as JSON lines, flushed each step, so a killed run keeps them.
+    `line(entry, i)` makes the i-th kept line from an entry, or None to skip it. On a resume the
+    file is rewritten from the checkpoint's history: the steps after it are done again."""
+
+    def __init__(self, path: Path, line: Callable[[dict, int], dict | None] = lambda h, i: h):
+        self.path, self.line, self.n = path, line, 0
+        self.file = None
+
+    def _write(self, entry: dict) -> None:
+        row = self.line(entry, self.n)
+        if row is not None:
+            self.file.write(json.dumps(row, sort_keys=True) + "\n")  # sorted, as in trainer_state.json
+            self.file.flush()
+            self.n += 1
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.file = self.path.open("w")
+        for entry in state.log_history:
+            self._write(entry)
+
+    def on_log(self, args, state, control, **kwargs):
+        self._write(state.log_history[-1])  # the entry Trainer has just added: the same line a resume rewrites
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.file.close()
