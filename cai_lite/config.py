@@ -261,6 +261,9 @@ class PPOConfig:
     """Weight of the value loss."""
     missing_eos_penalty: float = 1.0
     """Subtracted from the reward of responses that hit the length cap without EOS."""
+    logit_chunk: int = 256
+    """Rows (sequences x response positions) whose vocabulary-sized logits exist at once when computing
+    log-probs and entropy; smaller saves memory (chunk x vocab x 4 bytes per live logits tensor), larger is faster."""
 
 
 @dataclass
