@@ -15,6 +15,10 @@ matmuls stay in the heap, add ~300 MB to both variants, and the ratio reads ~0.4
 
 The model is random with real shapes: hidden 1024, 16 layers, a 32k vocabulary (~270M parameters),
 large enough that weights matter. Prediction: about (W + A) / (4W + A), W = one base's bytes.
+A is mostly what autograd keeps of the decoder for the policy and value backward (16 layers, 2
+sequences of ~44 tokens, an fp32 residual stream; tiny_cpu turns gradient checkpointing off), not
+logits: log-probs go through the LM head `ppo.logit_chunk` rows at a time, and here one fp32
+(2, 16, 32k) logits tensor is only 4 MB. Chunking pays with long responses and 150k vocabularies.
 
     python benchmarks/ppo_memory.py
 """
@@ -63,8 +67,9 @@ def step(bases: dict, prompts: list[str]) -> None:
     """One PPO step where each role runs on `bases[role]` (the same object, or four)."""
     pol, ref, rew, val = bases["policy"], bases["reference"], bases["reward"], bases["value"]
     ro = rollout.sample(pol, "policy", prompts, 16, 1.0, 64)
-    old = rollout.response_logprobs(pol, "policy", ro, 1.0, 2)
-    ref_lp = rollout.response_logprobs(ref, "reference", ro, 1.0, 2)
+    chunk = pol.cfg.ppo.logit_chunk
+    old = rollout.response_logprobs(pol, "policy", ro, 1.0, 2, chunk)
+    ref_lp = rollout.response_logprobs(ref, "reference", ro, 1.0, 2, chunk)
     score = rollout.score(rew, ro.prompts, ro.texts, 2, 128)
     with torch.no_grad(), models.role(val, "value"):
         v_old = rollout.values(val, ro) * ro.mask
@@ -77,7 +82,7 @@ def step(bases: dict, prompts: list[str]) -> None:
         idx = torch.arange(start, start + 2)
         mb = ro.select(idx)
         with models.role(pol, "policy", trainable=True) as model:
-            logp = losses.token_logprobs(rollout.response_logits(model, mb, 1.0), mb.response)
+            logp = rollout.response_logprobs_entropy(model, mb, 1.0, chunk)[0]
             losses.ppo_policy_loss(logp, old[idx], adv[idx], mb.mask, 0.2)[0].backward()
         with models.role(val, "value", trainable=True):
             losses.ppo_value_loss(rollout.values(val, mb), v_old[idx], ret[idx], mb.mask, 0.2).backward()

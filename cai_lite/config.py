@@ -271,6 +271,9 @@ class PPOConfig:
     """Subtracted from the reward of responses that hit the length cap without EOS."""
     save_every: int = 50
     """Write a checkpoint (policy and value adapters, optimizer, KL coefficient, random generators, step) to `ppo/checkpoint/` every this many steps, so a rerun of a killed run resumes there (0 = never). Not part of the config hash."""
+    logit_chunk: int = 256
+    """Rows (sequences x response positions) whose vocabulary-sized logits exist at once when computing
+    log-probs and entropy; smaller saves memory (chunk x vocab x 4 bytes per live logits tensor), larger is faster. Not part of the config hash: results are equal for any chunk."""
 
 
 @dataclass

@@ -8,8 +8,11 @@ Shapes: B = batch, T = response tokens, V = vocabulary, P = prompts, K = samples
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -36,6 +39,31 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution.  (B, T, V) -> (B, T)"""
     logp = logits.log_softmax(-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def chunked_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
+                     temperature: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` and `entropy` of head(hidden) / temperature, `chunk` rows (batch x positions) at
+    a time, so no (B, T, V) tensor ever exists: with a 150k vocabulary the logits of a whole minibatch
+    would outweigh the 4-bit base.  head: the LM head, (N, H) -> (N, V).
+    hidden (B, T, H), tokens (B, T) -> log-probs (B, T) (differentiable), entropy (B, T) (detached)
+
+    With gradients, autograd would keep every chunk's (chunk, V) logits for backward, so each chunk is
+    checkpointed: backward recomputes its logits, and the peak holds one chunk's at a time."""
+    B, T, H = hidden.shape
+
+    def part(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = (head(h).float() / temperature).log_softmax(-1)  # (n, V)
+        ent = -(logp.detach().exp() * logp.detach()).sum(-1)  # (n,) a diagnostic: no gradient, as PPO logs it
+        return logp.gather(1, y.unsqueeze(1)).squeeze(1), ent
+
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    logps, ents = [], []
+    for h, y in zip(hidden.reshape(B * T, H).split(chunk), tokens.reshape(B * T).split(chunk)):  # (n, H), (n,)
+        lp, ent = checkpoint(part, h, y, use_reentrant=False) if grad else part(h, y)
+        logps.append(lp)
+        ents.append(ent)
+    return torch.cat(logps).view(B, T), torch.cat(ents).view(B, T)
 
 
 def soft_bt_loss(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor) -> torch.Tensor:

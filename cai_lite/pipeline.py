@@ -90,8 +90,8 @@ def _pick(cfg: Config, key: str):
         judges = [value] if key == "judge" else value
         picked = [{k: v for k, v in dataclasses.asdict(j).items() if k not in UNHASHED} for j in judges]
         return picked[0] if key == "judge" else picked
-    if dataclasses.is_dataclass(value):  # save_every: how often to checkpoint, never what is made
-        return {k: v for k, v in dataclasses.asdict(value).items() if k != "save_every"}
+    if dataclasses.is_dataclass(value):  # how often to checkpoint, how many logits at once: never what is made
+        return {k: v for k, v in dataclasses.asdict(value).items() if k not in ("save_every", "logit_chunk")}
     return value
 
 

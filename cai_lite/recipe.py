@@ -208,7 +208,7 @@ def validate(cfg: Config) -> list[str]:
                     "ppo.grad_accum", "ppo.ppo_epochs", "ppo.max_new_tokens", "rloo.steps", "rloo.batch_size",
                     "rloo.max_new_tokens", "dpo.batch_size", "dpo.grad_accum", "evaluate.max_new_tokens",
                     "evaluate.bootstrap", "evaluate.num_principles", "judge.batch_size", "judge.n_ctx", "judge.n_threads", "judge.concurrency",
-                    "judge.top_logprobs"]
+                    "judge.top_logprobs", "ppo.logit_chunk"]
     at_least_zero = ["data.limit", "data.eval_prompts", "critique_revise.few_shot", "critique_revise.helpful_limit",
                      "label_preferences.max_prompts", "label_preferences.few_shot", "label_preferences.helpful_limit",
                      "ppo.helpful_limit", "rloo.helpful_limit", "evaluate.helpful_limit", "evaluate.prompts_limit",

@@ -72,26 +72,34 @@ def missing_eos(completion_ids: list[list[int]], eos: list[int]) -> list[bool]:
     return [not ids or ids[-1] not in eos for ids in completion_ids]
 
 
-def response_logits(model, ro: Rollout, temperature: float) -> torch.Tensor:
-    """Logits that predict each response token, under whatever adapter is active.  -> (B, T, V)
-
-    Divided by the sampling temperature, so log-probs match the distribution that sampled them."""
+def response_hidden(model, ro: Rollout) -> torch.Tensor:
+    """Final (normed) hidden states that predict each response token, under whatever adapter is active,
+    from the decoder alone: the LM head is applied later, in chunks (`losses.chunked_logprobs`).
+    Assumes logits = lm_head(hidden), as in Llama and Qwen (not Gemma's soft-capping).  -> (B, T, H)"""
     ids, mask = ro.full()
     T = ro.response.shape[1]
-    # Only the last T+1 positions' logits: the prompt's would cost (B, Tq, V) floats for nothing.
-    out = model(input_ids=ids, attention_mask=mask, position_ids=generation.positions(mask), use_cache=False,
-                logits_to_keep=T + 1)
-    return out.logits[:, :-1, :].float() / temperature  # position t predicts token t+1
+    out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=generation.positions(mask),
+                              use_cache=False)
+    return out.last_hidden_state[:, -T - 1:-1, :]  # position t predicts token t+1
+
+
+def response_logprobs_entropy(model, ro: Rollout, temperature: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(response tokens) (with gradients, if enabled) and the entropy of each next-token
+    distribution (detached), under whatever adapter is active, at the sampling temperature so that
+    log-probs match the distribution that sampled them. The vocabulary-sized logits exist only
+    `chunk` rows (batch x positions) at a time.  -> (B, T), (B, T)"""
+    hidden = response_hidden(model, ro)  # (B, T, H)
+    return losses.chunked_logprobs(hidden, model.get_output_embeddings(), ro.response, temperature, chunk)
 
 
 def response_logprobs(base: SharedBase, adapter: str, ro: Rollout, temperature: float,
-                      batch_size: int) -> torch.Tensor:
-    """log p(response tokens) under a frozen adapter, in chunks.  -> (B, T)"""
+                      batch_size: int, chunk: int) -> torch.Tensor:
+    """log p(response tokens) under a frozen adapter, `batch_size` sequences at a time.  -> (B, T)"""
     out = []
     with torch.no_grad(), models.role(base, adapter) as model:
         for i in range(0, len(ro.texts), batch_size):
             part = ro.select(torch.arange(i, min(i + batch_size, len(ro.texts))))
-            out.append(losses.token_logprobs(response_logits(model, part, temperature), part.response))
+            out.append(response_logprobs_entropy(model, part, temperature, chunk)[0])
     return torch.cat(out) * ro.mask
 
 

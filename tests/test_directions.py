@@ -105,7 +105,7 @@ def test_ppo_step_rewards_kl_and_eos_penalty(tmp_path, monkeypatch):
         return ro
 
     def logprobs(b, adapter, r, *args):
-        assert b is base and r is ro and args == (0.9, 4)
+        assert b is base and r is ro and args == (0.9, 4, cfg.ppo.logit_chunk)
         return logps[adapter].clone()
 
     def score(b, prompts, texts, *args):
@@ -179,8 +179,11 @@ def _update_setup(tmp_path, monkeypatch, *overrides):
     T, policy, value = 2, _Policy(2), torch.nn.Parameter(torch.zeros(1))
     steps = []
     monkeypatch.setattr(models, "role", _no_role)
-    monkeypatch.setattr(rollout, "response_logits",
-                        lambda model, mb, t: policy.logits.expand(len(mb.texts), T, 3) / t)
+    def logprobs_entropy(model, mb, t, chunk):
+        lg = policy.logits.expand(len(mb.texts), T, 3) / t  # (b, T, V)
+        return losses.token_logprobs(lg, mb.response), losses.entropy(lg.detach())
+
+    monkeypatch.setattr(rollout, "response_logprobs_entropy", logprobs_entropy)
     monkeypatch.setattr(rollout, "values", lambda base, mb: value.expand(len(mb.texts), T))
     opt = torch.optim.SGD([policy.logits, value], lr=1.0)
     step = opt.step

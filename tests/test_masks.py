@@ -93,32 +93,45 @@ def _ro(query_mask, mask, response) -> rollout.Rollout:
 
 
 class _Logits:
-    """Logits whose value at (row, position, token) is 100*row_id + 10*position + token."""
+    """A model whose decoder's hidden state at (row, position, unit) is 100*row_id + 10*position + unit,
+    under an identity LM head (H = V = 4): the logits are those same numbers."""
 
     def __init__(self):
         self.calls = []
 
-    def __call__(self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep):
-        self.calls.append({"ids": input_ids, "mask": attention_mask, "pos": position_ids, "keep": logits_to_keep})
+    def get_decoder(self):
+        return self._decoder
+
+    def get_output_embeddings(self):
+        return torch.nn.Identity()
+
+    def _decoder(self, input_ids, attention_mask, position_ids, use_cache):
+        self.calls.append({"ids": input_ids, "mask": attention_mask, "pos": position_ids})
         B, L = input_ids.shape
         rows = input_ids[:, :1].float() * 100  # (B, 1): the first prompt id tells the rows apart
         grid = rows[:, :, None] + 10 * torch.arange(L).float()[None, :, None] + torch.arange(4).float()[None, None, :]
-        return SimpleNamespace(logits=grid[:, L - logits_to_keep:, :])
+        return SimpleNamespace(last_hidden_state=grid)
 
 
 def test_response_logits_position_t_predicts_token_t():
     model = _Logits()
     ro = _ro([[0, 1], [1, 1]], [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], [[1, 2, 0], [3, 1, 2]])
     ro.query = torch.tensor([[1, 1], [2, 2]])
-    out = rollout.response_logits(model, ro, 2.0)  # (B, T, V)
+    out = rollout.response_hidden(model, ro)  # (B, T, H): the logits under the identity head
     call = model.calls[0]
-    assert call["keep"] == 4 and call["ids"].tolist() == [[1, 1, 1, 2, 0], [2, 2, 3, 1, 2]]
+    assert call["ids"].tolist() == [[1, 1, 1, 2, 0], [2, 2, 3, 1, 2]]
     assert call["mask"].tolist() == [[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert call["pos"].tolist() == [[0, 0, 1, 2, 2], [0, 1, 2, 3, 4]]  # left padding skipped
-    # Response token t is predicted at full position Tq - 1 + t; everything divided by the temperature.
+    # Response token t is predicted at full position Tq - 1 + t.
     assert out.shape == (2, 3, 4)
-    assert out[0, :, 0].tolist() == [(100 + 10 * p) / 2 for p in (1, 2, 3)]
-    assert out[1, :, 3].tolist() == [(200 + 10 * p + 3) / 2 for p in (1, 2, 3)]
+    assert out[0, :, 0].tolist() == [100 + 10 * p for p in (1, 2, 3)]
+    assert out[1, :, 3].tolist() == [200 + 10 * p + 3 for p in (1, 2, 3)]
+    # Log-probs at temperature 2: every position's logits are 0..3 plus a constant, all halved.
+    logp, ent = rollout.response_logprobs_entropy(model, ro, 2.0, chunk=4)  # (B, T) each
+    half = torch.arange(4).float() / 2
+    assert torch.allclose(logp, half[ro.response] - torch.logsumexp(half, 0), atol=1e-5)
+    p = half.softmax(0)
+    assert torch.allclose(ent, torch.full((2, 3), -(p * p.log()).sum().item()), atol=1e-5)
 
 
 def test_response_logprobs_are_masked_and_chunked_in_order(monkeypatch):
@@ -126,7 +139,7 @@ def test_response_logprobs_are_masked_and_chunked_in_order(monkeypatch):
     monkeypatch.setattr(models, "role", lambda b, name: contextlib.nullcontext(model))
     ro = _ro([[1, 1]] * 3, [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]], [[1, 2, 3], [0, 3, 3], [2, 2, 1]])
     ro.query = torch.tensor([[1, 1], [2, 2], [3, 3]])
-    got = rollout.response_logprobs(None, "reference", ro, 1.0, batch_size=2)
+    got = rollout.response_logprobs(None, "reference", ro, 1.0, batch_size=2, chunk=2)
     assert [c["ids"].shape[0] for c in model.calls] == [2, 1]
     # Every position's logits are 0..3 plus a constant, so log p(token k) = k - logsumexp(0..3).
     lse = torch.logsumexp(torch.arange(4).float(), 0).item()

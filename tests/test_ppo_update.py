@@ -38,15 +38,16 @@ def test_accumulation_roles_and_sums(tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "role", role)
 
-    def response_logits(model, mb, t):
-        assert model is MODEL and t == 0.5
-        return logits.expand(len(mb.texts), T, 3) / t
+    def response_logprobs_entropy(model, mb, t, chunk):
+        assert model is MODEL and t == 0.5 and chunk == cfg.ppo.logit_chunk
+        lg = logits.expand(len(mb.texts), T, 3) / t  # (b, T, V)
+        return losses.token_logprobs(lg, mb.response), losses.entropy(lg.detach())
 
     def values(b, mb):
         assert b is BASE
         return value.expand(len(mb.texts), T)
 
-    monkeypatch.setattr(rollout, "response_logits", response_logits)
+    monkeypatch.setattr(rollout, "response_logprobs_entropy", response_logprobs_entropy)
     monkeypatch.setattr(rollout, "values", values)
     opt = torch.optim.SGD([logits, value], lr=0.0)  # parameters never move: every minibatch is the same
     grads = []

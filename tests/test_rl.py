@@ -87,7 +87,7 @@ def test_rollout_logprobs_match_what_generate_sampled(tiny_llama, tmp_path):
                          pad_token_id=base.tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
         sampled = m.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)  # (B, T)
     assert torch.equal(out.sequences[:, enc["input_ids"].shape[1]:][ro.mask.bool()], ro.response[ro.mask.bool()])
-    ours = rollout.response_logprobs(base, "policy", ro, 0.7, 2)
+    ours = rollout.response_logprobs(base, "policy", ro, 0.7, 2, chunk=3)  # chunks that split rows
     assert torch.allclose(ours[ro.mask.bool()], sampled[:, : ro.mask.shape[1]][ro.mask.bool()], atol=1e-4)
 
 

@@ -141,8 +141,10 @@ def ppo_step(cfg: Config, base: SharedBase, prompts: list[str], stats: dict, kl_
     mask = ro.mask  # (B, T)
     with torch.no_grad():
         # 2. Old log-probs (policy) and the anchor (reference), same forward, two adapters.
-        old_logp = rollout.response_logprobs(base, "policy", ro, pc.temperature, pc.minibatch_size)  # (B, T)
-        ref_logp = rollout.response_logprobs(base, "reference", ro, pc.temperature, pc.minibatch_size)  # (B, T)
+        old_logp = rollout.response_logprobs(base, "policy", ro, pc.temperature, pc.minibatch_size,
+                                             pc.logit_chunk)  # (B, T)
+        ref_logp = rollout.response_logprobs(base, "reference", ro, pc.temperature, pc.minibatch_size,
+                                             pc.logit_chunk)  # (B, T)
         # 3. Sequence reward: RM score normalised by its training statistics, minus a penalty for no EOS.
         raw = rollout.score(base, ro.prompts, ro.texts, pc.minibatch_size, g.max_prompt_tokens + pc.max_new_tokens)
         score = (raw - stats["mean"]) / (stats["std"] + 1e-8)
@@ -188,11 +190,11 @@ def _update(cfg: Config, base: SharedBase, ro: rollout.Rollout, old_logp: torch.
             idx = perm[start:start + pc.minibatch_size]
             mb = ro.select(idx)
             with models.role(base, "policy", trainable=True) as model:
-                logits = rollout.response_logits(model, mb, pc.temperature)  # (b, T, V)
-                logp = losses.token_logprobs(logits, mb.response)
+                # Chunked, checkpointed LM head: no (b, T, V) logits are kept for backward.
+                logp, ent = rollout.response_logprobs_entropy(model, mb, pc.temperature, pc.logit_chunk)  # (b, T) each
                 pl, clipfrac = losses.ppo_policy_loss(logp, old_logp[idx], adv[idx], mb.mask, pc.clip_range)
                 (pl / pc.grad_accum).backward()
-                ent = losses.masked_mean(losses.entropy(logits.detach()), mb.mask)
+                ent = losses.masked_mean(ent, mb.mask)
             with models.role(base, "value", trainable=True):
                 v = rollout.values(base, mb)
                 vl = losses.ppo_value_loss(v, old_values[idx], returns[idx], mb.mask, pc.clip_range_value)
