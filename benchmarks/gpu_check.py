@@ -34,7 +34,7 @@ from cai_lite.stages import ppo
 from cai_lite.tiny import build_shape_folder
 
 FULL = {"sft": (4, 1024), "ppo": (16, 512, 256)}  # (batch, seq) and (prompts, prompt, response) tokens
-STEPS = {"shared": ("sft", "ppo_shared"), "separate": ("ppo_separate",)}  # what each child process runs
+STEPS = {"shared": ("sft", "ppo_shared", "ppo_one_chunk"), "separate": ("ppo_separate",)}  # what each child process runs
 TINY = {"sft": (2, 64), "ppo": (4, 32, 16)}
 TINY_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=2048)
@@ -110,6 +110,17 @@ def ppo_shared(cfg, base, prompts: list[str]) -> dict:
             "seconds": p.seconds}
 
 
+def ppo_step_again(cfg, base, prompts: list[str]) -> dict:
+    """Another ppo_step on roles already set up (optimizer state exists from the first)."""
+    params = models.adapter_parameters(base, "policy") + models.adapter_parameters(base, "value")
+    opt = torch.optim.AdamW(params, lr=cfg.ppo.lr)
+    kl = ppo.KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+    with Peak() as p:
+        rec = ppo.ppo_step(cfg, base, prompts, {"mean": 0.0, "std": 1.0}, kl, opt, params)
+    return {"peak_gb": p.gb, "tokens_per_s": len(prompts) * rec["response_length"] / p.seconds,
+            "seconds": p.seconds}
+
+
 def ppo_separate(cfg, bases: dict, prompts: list[str]) -> dict:
     """ppo.ppo_step's computation with each role on its own base (as TRL's old PPOTrainer held them)."""
     pc, g = cfg.ppo, cfg.generation
@@ -119,29 +130,35 @@ def ppo_separate(cfg, bases: dict, prompts: list[str]) -> dict:
     with Peak() as p:
         ro = rollout.sample(pol, "policy", prompts, pc.max_new_tokens, pc.temperature, g.max_prompt_tokens)
         with torch.no_grad():
-            old = rollout.response_logprobs(pol, "policy", ro, pc.temperature, pc.minibatch_size)
-            ref_lp = rollout.response_logprobs(ref, "reference", ro, pc.temperature, pc.minibatch_size)
+            old = rollout.response_logprobs(pol, "policy", ro, pc.temperature, pc.minibatch_size, pc.logit_chunk)
+            ref_lp = rollout.response_logprobs(ref, "reference", ro, pc.temperature, pc.minibatch_size,
+                                               pc.logit_chunk)
             score = rollout.score(rew, ro.prompts, ro.texts, pc.minibatch_size, g.max_prompt_tokens + pc.max_new_tokens)
             with models.role(val, "value"):
                 v_old = rollout.values(val, ro) * ro.mask
             rewards = -pc.kl_coef * (old - ref_lp) * ro.mask
             rewards[torch.arange(len(score)), (ro.mask.sum(1).long() - 1).clamp(min=0)] += score
             adv, ret = losses.gae(rewards, v_old, ro.mask, pc.gamma, pc.lam)
-        for b in (pol, val):
-            b.model.train()
-        for _ in range(pc.ppo_epochs):
-            for start in range(0, len(prompts), pc.minibatch_size):
-                idx = torch.arange(start, min(start + pc.minibatch_size, len(prompts)))
-                mb = ro.select(idx)
-                with models.role(pol, "policy", trainable=True) as model:
-                    logp = losses.token_logprobs(rollout.response_logits(model, mb, pc.temperature), mb.response)
-                    losses.ppo_policy_loss(logp, old[idx], adv[idx], mb.mask, pc.clip_range)[0].backward()
-                with models.role(val, "value", trainable=True):
-                    losses.ppo_value_loss(rollout.values(val, mb), v_old[idx], ret[idx], mb.mask,
-                                          pc.clip_range_value).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        with models.training_mode(pol), models.training_mode(val):  # as ppo._update: checkpointing on, no dropout
+            _separate_update(pc, pol, val, ro, old, adv, v_old, ret, opt)
     return {"peak_gb": p.gb, "tokens_per_s": ro.mask.sum().item() / p.seconds, "seconds": p.seconds}
+
+
+def _separate_update(pc, pol, val, ro, old, adv, v_old, ret, opt) -> None:
+    """ppo._update's minibatch passes, the policy on one base and the value model on another."""
+    n = len(ro.texts)
+    for _ in range(pc.ppo_epochs):
+        for start in range(0, n, pc.minibatch_size):
+            idx = torch.arange(start, min(start + pc.minibatch_size, n))
+            mb = ro.select(idx)
+            with models.role(pol, "policy", trainable=True) as model:
+                logp = rollout.response_logprobs_entropy(model, mb, pc.temperature, pc.logit_chunk)[0]
+                losses.ppo_policy_loss(logp, old[idx], adv[idx], mb.mask, pc.clip_range)[0].backward()
+            with models.role(val, "value", trainable=True):
+                losses.ppo_value_loss(rollout.values(val, mb), v_old[idx], ret[idx], mb.mask,
+                                      pc.clip_range_value).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 def plan_figures(cfg, sizes: dict) -> dict:
@@ -151,9 +168,11 @@ def plan_figures(cfg, sizes: dict) -> dict:
     s = planner.settings(cfg)
     w = planner.base_weights(m, s)
     (b, t), (n, tp, tr) = sizes["sft"], sizes["ppo"]
-    shared = planner.ppo_step(m, s, n, tp, tr, cfg.ppo.minibatch_size)
+    shared = planner.ppo_step(m, s, n, tp, tr, cfg.ppo.minibatch_size, cfg.ppo.logit_chunk)
     separate = {**shared, "adapters": planner.adapters(m, s, 4)}  # one adapter per model, four weights
+    one = planner.ppo_step(m, s, n, tp, tr, cfg.ppo.minibatch_size, 10**9)
     return {"sft": (w + sum(planner.sft_step(m, s, b, t).values())) / 2**30,
+            "ppo_one_chunk": (w + sum(one.values())) / 2**30,
             "ppo_shared": (w + sum(shared.values())) / 2**30,
             "ppo_separate": (4 * w + sum(separate.values())) / 2**30}
 
@@ -182,6 +201,9 @@ def child(folder: str, variant: str, tiny: bool) -> dict:
     else:
         out["sft"] = sft(cfg, base, *sizes["sft"])
         out["ppo_shared"] = ppo_shared(cfg, base, prompts)
+        # The same step again with every minibatch's logits in one chunk: what chunking saves.
+        cfg.ppo.logit_chunk = 10**9
+        out["ppo_one_chunk"] = ppo_step_again(cfg, base, prompts)
     return out
 
 
@@ -190,6 +212,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="llama-2-7b,mistral-7b", help="shipped shapes (cai_lite/shapes/)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer, 2k-vocabulary model of each shape's kind, on CPU")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per child process")
+    ap.add_argument("--deadline", type=float, default=0, help="start no child after this many seconds (0: none)")
     ap.add_argument("--out", default="", help="also write one JSON line per shape here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -199,12 +222,16 @@ def main() -> None:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no GPU: memory figures are n/a)"
     print(f"gpu_check on {card}, torch {torch.__version__}", flush=True)
     sizes = TINY if args.tiny else FULL
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes.split(","):
             shape = json.loads((planner.SHAPES / f"{name}.json").read_text())
             folder = build_shape_folder(Path(tmp) / name, {**shape, **(TINY_SHAPE if args.tiny else {})})
             res = {"shape": name + (" (tiny)" if args.tiny else ""), "card": card}
             for variant in ("shared", "separate"):
+                if args.deadline and time.perf_counter() - began > args.deadline:
+                    res.update(dict.fromkeys(STEPS[variant], f"skipped: past --deadline {args.deadline:.0f} s"))
+                    continue
                 cmd = [sys.executable, __file__, "--child", str(folder), variant] + (["--tiny"] if args.tiny else [])
                 try:
                     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -227,16 +254,20 @@ def main() -> None:
 
 def report(res: dict) -> None:
     print(f"{res['shape']}: base weights {res.get('weights_gb', 0):.2f} GiB (measured account)")
-    for step in ("sft", "ppo_shared", "ppo_separate"):
+    for step in STEPS["shared"] + STEPS["separate"]:
         r = res.get(step)
         if not isinstance(r, dict):
             print(f"  {step:<13} {r or 'not run'}")
             continue
         peak = f"{r['peak_gb']:.2f} GiB" if r["peak_gb"] else "n/a"
-        print(f"  {step:<13} peak {peak:>10}  planner {res['planner_gb'][step]:6.2f} GiB  {r['tokens_per_s']:8.0f} tok/s")
+        plan = f"{res['planner_gb'][step]:6.2f} GiB"
+        print(f"  {step:<13} peak {peak:>10}  planner {plan}  {r['tokens_per_s']:8.0f} tok/s")
     a, b = res.get("ppo_shared"), res.get("ppo_separate")
     if isinstance(a, dict) and isinstance(b, dict) and a["peak_gb"] and b["peak_gb"]:
         print(f"  ppo shared / separate peak = {a['peak_gb'] / b['peak_gb']:.2f}", flush=True)
+    c = res.get("ppo_one_chunk")
+    if isinstance(a, dict) and isinstance(c, dict) and a["peak_gb"] and c["peak_gb"]:
+        print(f"  ppo chunked / one chunk peak = {a['peak_gb'] / c['peak_gb']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def planned_mb(folder: str, stage: str) -> float:
     s = planner.settings(cfg)
     n, tp, tr, mb = PPO
     terms = {"sft": lambda: planner.sft_step(m, s, *SFT), "reward_model": lambda: planner.reward_step(m, s, *REWARD),
-             "ppo": lambda: planner.ppo_step(m, s, n, tp, tr, mb)}[stage]()
+             "ppo": lambda: planner.ppo_step(m, s, n, tp, tr, mb, cfg.ppo.logit_chunk)}[stage]()
     return sum(terms.values()) / 2**20
 
 

@@ -178,9 +178,9 @@ def full_logits(m: Model, s: Settings, tokens: int) -> int:
     return tokens * m.vocab * (12 + (s.act_bytes if s.act_bytes < 4 else 0))
 
 
-def chunked_logits(m: Model, s: Settings, rows: int, chunk: int = 256) -> int:
-    """Log-probs and entropy computed `chunk` positions at a time (rollout.py), recomputed in backward:
-    one chunk's fp32 logits, log-softmax and gradient at a time."""
+def chunked_logits(m: Model, s: Settings, rows: int, chunk: int) -> int:
+    """Log-probs and entropy computed `ppo.logit_chunk` rows at a time (losses.chunked_logprobs),
+    recomputed in backward: one chunk's fp32 logits, log-softmax and gradient at a time."""
     return min(rows, chunk) * m.vocab * 4 * 3
 
 
@@ -209,14 +209,15 @@ def reward_step(m: Model, s: Settings, batch: int, seq: int) -> dict:
             "activations": training_activations(m, s, 2 * batch, seq)}
 
 
-def ppo_step(m: Model, s: Settings, prompts: int, prompt_len: int, response_len: int, minibatch: int) -> dict:
+def ppo_step(m: Model, s: Settings, prompts: int, prompt_len: int, response_len: int, minibatch: int,
+             chunk: int) -> dict:
     """Five adapters (sft, reference, reward, policy, value), two trained. The rollout (KV cache of
     every prompt) and the update (one minibatch's training pass) come one after the other: the peak
     is the larger of the two."""
     seq = prompt_len + response_len
     rollout = {"activations": prefill(m, s, prompts, prompt_len), "kv_cache": kv_cache(m, s, prompts, seq)}
     update = {"activations": training_activations(m, s, minibatch, seq),
-              "logits": chunked_logits(m, s, minibatch * response_len)}
+              "logits": chunked_logits(m, s, minibatch * response_len, chunk)}
     phase = update if sum(update.values()) >= sum(rollout.values()) else rollout
     return {"adapters": adapters(m, s, 5), "optimizer": optimizer(m, s, 2)} | phase
 
@@ -239,7 +240,7 @@ def stage_terms(cfg: Config, m: Model, s: Settings, stage: str) -> dict | None:
         return reward_step(m, s, cfg.reward_model.batch_size, cfg.reward_model.max_seq_len)
     if stage == "ppo":
         p = cfg.ppo
-        return ppo_step(m, s, p.batch_size, g.max_prompt_tokens, p.max_new_tokens, p.minibatch_size)
+        return ppo_step(m, s, p.batch_size, g.max_prompt_tokens, p.max_new_tokens, p.minibatch_size, p.logit_chunk)
     if stage == "rloo":
         r = cfg.rloo
         t = {"adapters": adapters(m, s, 4), "optimizer": optimizer(m, s, 1)}
