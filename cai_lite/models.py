@@ -60,6 +60,8 @@ def load_base(cfg: Config) -> SharedBase:
     """Load `cfg.base.model` once: NF4 with double quantization and bf16 compute, or unquantized."""
     b = cfg.base
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if b.device == "auto" else b.device)
+    if device.type == "cuda" and device.index is None:  # device_map needs an index: "cuda" means the current card
+        device = torch.device("cuda", torch.cuda.current_device())
     kwargs: dict = dict(dtype=DTYPES[b.dtype], trust_remote_code=b.trust_remote_code, use_safetensors=True)
     if b.quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
