@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -118,13 +119,19 @@ def _random_model(cfg: Config, kwargs: dict, device: torch.device) -> PreTrained
         return model
     state = model.state_dict()
     cls = type(model)  # the Auto class refuses a state dict without a folder; the model class takes it
-    del model
-    model = cls.from_pretrained(None, config=config, state_dict=state, **{k: v for k, v in kwargs.items()
-                                                                          if k not in ("trust_remote_code", "use_safetensors")})
-    del state
+    load = {k: v for k, v in kwargs.items() if k not in ("trust_remote_code", "use_safetensors")}
+    try:
+        quantised = cls.from_pretrained(None, config=config, state_dict=state, **load)
+    except (TypeError, ValueError, RuntimeError) as e:
+        # Loading from a state dict is the less travelled path; a checkpoint folder always works (slower).
+        log.warning("base.init=random: transformers refused the state dict (%s); going through a temp folder", e)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            del model, state
+            quantised = cls.from_pretrained(tmp, **load)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return model
+    return quantised
 
 
 def _settle_cpu_weights(model: PreTrainedModel, quantized: bool) -> None:
