@@ -44,7 +44,7 @@ def config(folder: Path, tiny: bool, prompts: int, minibatch: int, prompt_len: i
     over = [f"base.model={folder}", "base.init=random", f"ppo.batch_size={prompts}", f"ppo.minibatch_size={minibatch}",
             f"ppo.max_new_tokens={response_len}", f"generation.max_prompt_tokens={prompt_len}", "ppo.temperature=1.0"]
     if tiny:
-        over += ["base.device=cpu", "base.dtype=float32", "base.compute_dtype=float32"]
+        over += ["base.device=cpu"]  # the recipe's bf16 weights and compute, as on the GPU
     return load_config(["recipe=7b_qlora", *over])
 
 

@@ -41,8 +41,8 @@ class BaseConfig:
     """Allow model code from the hub. Off by default: it runs code you have not read."""
     init: Literal["pretrained", "random"] = "pretrained"
     """pretrained: load the weights in `base.model`; random: build the model from its config.json with random weights (seeded by `seed`) and quantise it as loaded weights are, so every code path runs at full size with no download (memory and speed checks; the text is noise). The folder still needs its tokenizer files."""
-    upcast_embeddings: bool = False
-    """Keep the frozen input embeddings and LM head in fp32, as PEFT's prepare_model_for_kbit_training does (+4.4 GB at Qwen2.5-7B, `plan=true` shows it); off keeps them in `base.dtype`. Norms are upcast either way (tiny)."""
+    upcast_frozen: bool = False
+    """Upcast the unquantized frozen weights (embeddings, LM head, norms, biases) to fp32, as PEFT's prepare_model_for_kbit_training does (+2.2 GB at Qwen2.5-7B, `plan=true` shows it); off keeps them in `base.dtype`, which the residual stream then uses."""
 
 
 @dataclass

@@ -85,13 +85,12 @@ def load_base(cfg: Config) -> SharedBase:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation and last-token scoring both want left padding
     if b.quantization == "nf4":
-        # PEFT's prepare_model_for_kbit_training, minus one cast: it upcasts every unquantized weight to
-        # fp32, the frozen embeddings and LM head included (2 x 152k x 3584 floats, +4.4 GB at Qwen2.5-7B).
-        # Norms and biases are tiny and stay fp32 for a stable residual stream.
-        keep = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+        # PEFT's prepare_model_for_kbit_training upcasts every unquantized weight to fp32, the frozen
+        # embeddings and LM head included (2 x 152k x 3584 floats: +2.2 GB at Qwen2.5-7B). Off by default:
+        # nothing trains them, and bf16 RMSNorm already computes its statistics in fp32. All or none:
+        # fp32 norms would hand fp32 hidden states to a bf16 LM head.
         for p in model.parameters():
-            if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ != "Params4bit" \
-                    and (b.upcast_embeddings or id(p) not in keep):
+            if b.upcast_frozen and p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ != "Params4bit":
                 p.data = p.data.float()
         if b.gradient_checkpointing:  # use_reentrant=False needs no input-grad hook (PEFT skips it too)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -53,7 +53,7 @@ class Settings:
 
     weight_bytes: int  # base.dtype
     act_bytes: int  # base.compute_dtype: activations, KV cache
-    upcast_embeddings: bool
+    upcast_frozen: bool
     checkpointing: bool
     lora_r: int
     lora_dropout: bool
@@ -109,7 +109,7 @@ def count(config, name: str, targets: list[str]) -> Model:
 
 def settings(cfg: Config) -> Settings:
     b = cfg.base
-    return Settings(BYTES[b.dtype], BYTES[b.compute_dtype], b.upcast_embeddings, b.gradient_checkpointing, cfg.lora.r,
+    return Settings(BYTES[b.dtype], BYTES[b.compute_dtype], b.upcast_frozen, b.gradient_checkpointing, cfg.lora.r,
                     cfg.lora.dropout > 0, b.device.startswith("cuda") or b.device == "auto")
 
 
@@ -119,10 +119,10 @@ def base_weights(m: Model, s: Settings) -> int:
     """NF4 with double quantization (QLoRA §3): 4 bits per weight; one 8-bit absmax per block of 64
     weights, and one fp32 absmax per 256 of those (0.127 bit/param of constants); per weight tensor,
     bitsandbytes' 16-entry NF4 and 256-entry absmax code books in fp32. Unquantized weights:
-    embeddings and LM head in base.dtype (fp32 with base.upcast_embeddings, as PEFT's
-    prepare_model_for_kbit_training leaves them); norms and biases in fp32 (models.load_base)."""
+    embeddings, LM head, norms and biases in base.dtype (fp32 with base.upcast_frozen, as PEFT's
+    prepare_model_for_kbit_training leaves them; models.load_base)."""
     nf4 = m.quantized * (0.5 + 1 / 64 + 4 / (64 * 256)) + m.quantized_tensors * (16 + 256) * 4
-    return int(nf4 + m.embeddings * (4 if s.upcast_embeddings else s.weight_bytes) + m.other * 4)
+    return int(nf4 + (m.embeddings + m.other) * (4 if s.upcast_frozen else s.weight_bytes))
 
 
 def adapters(m: Model, s: Settings, n: int) -> int:
@@ -261,7 +261,7 @@ def stage_terms(cfg: Config, m: Model, s: Settings, stage: str) -> dict | None:
 KNOBS = {"activations": "the stage's batch_size / max_seq_len, or base.gradient_checkpointing=true",
          "logits": "the stage's batch_size or max_seq_len (the full-vocabulary logits grow with both)",
          "kv_cache": "generation.batch_size / ppo.batch_size or generation.max_prompt_tokens",
-         "weights": "base.upcast_embeddings=false, or a smaller model",
+         "weights": "base.upcast_frozen=false, or a smaller model",
          "optimizer": "lora.r", "adapters": "lora.r"}
 
 
@@ -288,10 +288,10 @@ def plan(cfg: Config) -> tuple[str, bool]:
         biggest = max((k for k in t if k != "weights"), key=t.get)
         lines.append(f"{stage:<18}" + "".join(f"{gb(t.get(c, 0)):>12}" for c in cols) + f"{gb(peak):>9}  "
                      + ("yes" if fits else f"NO: largest term {biggest}; turn {KNOBS[biggest]}"))
-    upcast = base_weights(m, Settings(**{**vars(s), "upcast_embeddings": True})) \
-        - base_weights(m, Settings(**{**vars(s), "upcast_embeddings": False}))
+    upcast = base_weights(m, Settings(**{**vars(s), "upcast_frozen": True})) \
+        - base_weights(m, Settings(**{**vars(s), "upcast_frozen": False}))
     lines.append(f"peak = the terms' sum; fits = peak + {OVERHEAD / GiB:.0f} GiB (CUDA context, fragmentation) "
-                 f"<= card. base.upcast_embeddings=true (fp32 embeddings and LM head) costs {upcast / GiB:.2f} GiB "
-                 f"in every stage; it is {str(s.upcast_embeddings).lower()} here.")
+                 f"<= card. base.upcast_frozen=true (fp32 embeddings, LM head, norms) costs {upcast / GiB:.2f} GiB "
+                 f"in every stage; it is {str(s.upcast_frozen).lower()} here.")
     lines.append("every stage fits" if ok else "some stage does not fit: turn the named knob, or plan.gpu_memory_gb")
     return "\n".join(lines), ok

@@ -29,14 +29,14 @@ def test_terms_match_hand_computed_numbers():
     assert m.embeddings == 2 * 512 * 64  # untied: input embeddings and LM head
     assert m.other == 2 * 2 * 64 + 64  # two RMSNorms per layer and the final one
     assert m.lora_in_out == 2 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
-    s = planner.Settings(weight_bytes=2, act_bytes=2, upcast_embeddings=False, checkpointing=True, lora_r=8,
+    s = planner.Settings(weight_bytes=2, act_bytes=2, upcast_frozen=False, checkpointing=True, lora_r=8,
                          lora_dropout=False, cuda=True)
     # 4 bits + an 8-bit absmax per 64 weights + an fp32 absmax per 256 blocks; bf16 embeddings; fp32 norms.
     assert m.quantized_tensors == 14
     assert planner.base_weights(m, s) == int(73728 / 2 + 73728 / 64 + 73728 * 4 / 16384 + 14 * 272 * 4
-                                             + 65536 * 2 + 320 * 4)
-    up = planner.base_weights(m, planner.Settings(**{**vars(s), "upcast_embeddings": True}))
-    assert up - planner.base_weights(m, s) == 65536 * 2  # fp32 instead of bf16
+                                             + 65536 * 2 + 320 * 2)
+    up = planner.base_weights(m, planner.Settings(**{**vars(s), "upcast_frozen": True}))
+    assert up - planner.base_weights(m, s) == (65536 + 320) * 2  # fp32 instead of bf16
     assert planner.adapters(m, s, 3) == 3 * (8 * 2048 * 4 + 65 * 4)
     assert planner.optimizer(m, s, 1) == 12 * (8 * 2048 + 65)
     assert planner.kv_cache(m, s, batch=3, tokens=10) == 2 * 2 * 32 * 3 * 10 * 2
@@ -73,10 +73,10 @@ def test_plan_for_7b_runs_on_cpu_without_weights(capsys):
     assert "llama-2-7b" in out and "NO: largest term" in out and "turn" in out
 
 
-def test_upcast_embeddings_shows_in_the_plan(capsys):
+def test_upcast_frozen_shows_in_the_plan(capsys):
     cli.main(["recipe=7b_qlora", "plan=true"])
     low = capsys.readouterr().out
-    cli.main(["recipe=7b_qlora", "plan=true", "base.upcast_embeddings=true"])
+    cli.main(["recipe=7b_qlora", "plan=true", "base.upcast_frozen=true"])
     high = capsys.readouterr().out
     w = lambda out: float(next(li for li in out.splitlines() if li.startswith("sft")).split()[1])  # noqa: E731
     assert w(high) - w(low) == pytest.approx(2 * 152064 * 3584 * 2 / 2**30, abs=0.01)  # bf16 -> fp32, twice
