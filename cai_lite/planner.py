@@ -147,15 +147,19 @@ def layer_activations(m: Model, s: Settings, tokens: int) -> int:
     return tokens * per_token * s.act_bytes
 
 
-def training_activations(m: Model, s: Settings, batch: int, seq: int) -> int:
+def training(m: Model, s: Settings, batch: int, seq: int, logits: int = 0) -> dict:
     """Forward + backward of one micro-batch. With gradient checkpointing only each layer's input
     (batch x seq x hidden) is kept, and one layer is recomputed at a time in backward, plus the
-    gradients in flight (a quarter of a layer's activations, as measured by
-    benchmarks/planner_accuracy.py); without it every layer's activations stay."""
+    gradients in flight (a quarter of a layer's activations, as benchmarks/planner_accuracy.py
+    measured); without it every layer's activations stay. The loss's backward (`logits`: its bytes)
+    ends before the first layer is recomputed, so the two never coexist: the logits entry is what
+    they add above the recomputed layer (benchmarks/gpu_check.py: summing them overshot by 23%)."""
     tokens = batch * seq
     one = layer_activations(m, s, tokens)
-    kept = m.layers * tokens * m.hidden * s.act_bytes + 1.25 * one if s.checkpointing else (m.layers + 0.25) * one
-    return int(kept) + attention_scores(m, s, batch, seq) + dequantized_weight(m, s)
+    kept, working = (m.layers * tokens * m.hidden * s.act_bytes, 1.25 * one) if s.checkpointing \
+        else (m.layers * one, 0.25 * one)
+    fixed = attention_scores(m, s, batch, seq) + dequantized_weight(m, s)
+    return {"activations": int(kept + working) + fixed, "logits": max(0, logits - int(working))}
 
 
 def attention_scores(m: Model, s: Settings, batch: int, seq: int) -> int:
@@ -199,14 +203,21 @@ def prefill(m: Model, s: Settings, batch: int, seq: int) -> int:
 # ---- stages --------------------------------------------------------------------------------------
 
 def sft_step(m: Model, s: Settings, batch: int, seq: int) -> dict:
-    return {"adapters": adapters(m, s, 1), "optimizer": optimizer(m, s, 1),
-            "activations": training_activations(m, s, batch, seq), "logits": full_logits(m, s, batch * seq)}
+    return {"adapters": adapters(m, s, 1), "optimizer": optimizer(m, s, 1)} \
+        | training(m, s, batch, seq, full_logits(m, s, batch * seq))
 
 
 def reward_step(m: Model, s: Settings, batch: int, seq: int) -> dict:
     """Both responses of `batch` pairs in one forward; the head reads hidden states (no LM head)."""
-    return {"adapters": adapters(m, s, 1), "optimizer": optimizer(m, s, 1),
-            "activations": training_activations(m, s, 2 * batch, seq)}
+    return {"adapters": adapters(m, s, 1), "optimizer": optimizer(m, s, 1)} | training(m, s, 2 * batch, seq)
+
+
+def sampling(m: Model, s: Settings, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    """generate(): the KV cache of every sequence at full length, or, if larger, the prompt's cache
+    plus the prefill's working set (the activations entry is that excess)."""
+    full = kv_cache(m, s, batch, prompt_len + new_tokens)
+    at_prefill = kv_cache(m, s, batch, prompt_len) + prefill(m, s, batch, prompt_len)
+    return {"activations": max(0, at_prefill - full), "kv_cache": full}
 
 
 def ppo_step(m: Model, s: Settings, prompts: int, prompt_len: int, response_len: int, minibatch: int,
@@ -214,19 +225,15 @@ def ppo_step(m: Model, s: Settings, prompts: int, prompt_len: int, response_len:
     """Five adapters (sft, reference, reward, policy, value), two trained. The rollout (KV cache of
     every prompt) and the update (one minibatch's training pass) come one after the other: the peak
     is the larger of the two."""
-    seq = prompt_len + response_len
-    rollout = {"activations": prefill(m, s, prompts, prompt_len), "kv_cache": kv_cache(m, s, prompts, seq)}
-    update = {"activations": training_activations(m, s, minibatch, seq),
-              "logits": chunked_logits(m, s, minibatch * response_len, chunk)}
+    rollout = sampling(m, s, prompts, prompt_len, response_len)
+    update = training(m, s, minibatch, prompt_len + response_len,
+                      chunked_logits(m, s, minibatch * response_len, chunk))
     phase = update if sum(update.values()) >= sum(rollout.values()) else rollout
     return {"adapters": adapters(m, s, 5), "optimizer": optimizer(m, s, 2)} | phase
 
 
 def generation_stage(m: Model, s: Settings, batch: int, prompt_len: int, new_tokens: int, n_adapters: int) -> dict:
-    """Sampling: the KV cache of every sequence at full length, and the prompt's prefill (counted at
-    once, a slight overestimate: at the end of prefill the cache holds only the prompt)."""
-    return {"adapters": adapters(m, s, n_adapters), "activations": prefill(m, s, batch, prompt_len),
-            "kv_cache": kv_cache(m, s, batch, prompt_len + new_tokens)}
+    return {"adapters": adapters(m, s, n_adapters)} | sampling(m, s, batch, prompt_len, new_tokens)
 
 
 def stage_terms(cfg: Config, m: Model, s: Settings, stage: str) -> dict | None:
@@ -245,16 +252,14 @@ def stage_terms(cfg: Config, m: Model, s: Settings, stage: str) -> dict | None:
         r = cfg.rloo
         t = {"adapters": adapters(m, s, 4), "optimizer": optimizer(m, s, 1)}
         n = r.batch_size * r.num_samples
-        gen = {"activations": prefill(m, s, n, g.max_prompt_tokens),
-               "kv_cache": kv_cache(m, s, n, g.max_prompt_tokens + r.max_new_tokens)}
-        train = {"activations": training_activations(m, s, n, g.max_prompt_tokens + r.max_new_tokens),
-                 "logits": full_logits(m, s, n * r.max_new_tokens)}  # TRL computes full-vocabulary log-probs
+        gen = sampling(m, s, n, g.max_prompt_tokens, r.max_new_tokens)
+        # TRL 1.16's fused LM head (trl/kernels/chunked_logprob.py) takes log-probs 4096 positions at a time
+        train = training(m, s, n, g.max_prompt_tokens + r.max_new_tokens, chunked_logits(m, s, n * r.max_new_tokens, 4096))
         return t | (gen if sum(gen.values()) > sum(train.values()) else train)
     if stage == "dpo":
-        d = cfg.dpo  # chosen and rejected in one batch, policy and reference (no-grad) forwards
-        return {"adapters": adapters(m, s, 3), "optimizer": optimizer(m, s, 1),
-                "activations": training_activations(m, s, 2 * d.batch_size, d.max_seq_len),
-                "logits": full_logits(m, s, 2 * d.batch_size * d.max_seq_len)}
+        d = cfg.dpo  # chosen and rejected in one batch; TRL's fused LM head as in rloo
+        return {"adapters": adapters(m, s, 3), "optimizer": optimizer(m, s, 1)} \
+            | training(m, s, 2 * d.batch_size, d.max_seq_len, chunked_logits(m, s, 2 * d.batch_size * d.max_seq_len, 4096))
     return None  # export works on the CPU copy
 
 
