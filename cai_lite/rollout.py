@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cai_lite import data, generation, losses, models
+from cai_lite import data, generation, losses, models, rundir
 from cai_lite.models import SharedBase
 
 
@@ -151,11 +151,11 @@ def score_texts(base: SharedBase, texts: list[str], batch_size: int, max_tokens:
 
 def load_reward_stats(run_dir: Path) -> dict:
     """Mean and std of the reward model's scores on its training responses, for normalisation."""
-    return json.loads((run_dir / "reward_model" / "reward_stats.json").read_text())
+    return json.loads((rundir.stage_dir(run_dir, "reward_model") / "reward_stats.json").read_text())
 
 
 def load_roles(base: SharedBase, run_dir: Path) -> None:
     """Load what RL needs onto the base: `sft`, its frozen copy `reference`, and `reward` (+ head)."""
-    models.load_adapter(base, "sft", run_dir / "sft" / "adapter")
-    models.load_adapter(base, "reward", run_dir / "reward_model" / "adapter")
+    models.load_adapter(base, "sft", rundir.adapter_dir(run_dir, "sft"))
+    models.load_adapter(base, "reward", rundir.adapter_dir(run_dir, "reward_model"))
     models.copy_adapter(base, "sft", "reference")  # the KL anchor is the SL-CAI model, not the bare base
