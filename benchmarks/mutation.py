@@ -70,7 +70,7 @@ GROUPS = {
     "pipeline": Group("cai_lite/pipeline.py", (
         "tests/test_pipeline.py::test_speed_only_judge_keys_do_not_refuse",
         "tests/test_pipeline.py::test_reading_a_missing_stage_is_refused_before_loading", "tests/test_run_dir.py",
-        "tests/test_lab_plan.py"),
+        "tests/test_lab_plan.py", "tests/test_stage_contract.py"),
         ("_pick", "_flatten", "read_stage_json", "_stale", "plan", "_own_changes", "_lab_hash", "run")),
 }
 KILLED = {"killed", "timeout", "caught by type check"}

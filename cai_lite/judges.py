@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cai_lite import constitution as C
-from cai_lite import adapter_files, data, generation, models, voting
+from cai_lite import adapter_files, data, generation, models, rundir, voting
 from cai_lite.config import Config, GenerationSettings, JudgeConfig
 from cai_lite.models import SharedBase
 
@@ -272,7 +272,7 @@ def adapter_folder(cfg: Config, jc: JudgeConfig) -> Path | None:
     if jc.adapter == "none":
         return None
     if jc.adapter == "sft":
-        return cfg.path / "sft" / "adapter"
+        return rundir.adapter_dir(cfg.path, "sft")
     if jc.adapter == "critique":
         return Path(cfg.critique_revise.critic_adapter)
     return Path(jc.adapter)

@@ -4,9 +4,11 @@ Reads the resolved Config and each stage's previous `stage.json`; writes `runs/<
 one folder per stage, and in each, after the stage's outputs, `stage.json` with `stage`,
 `config_hash`, `seconds`, `peak_memory_mb` and the stage's metrics.
 
-A stage's hash covers the config keys it declares and the hashes of the stages it reads. A rerun
-skips a stage whose stage.json has the same hash, refuses one whose own keys changed (naming
-them) unless `force=[stage]`, and reruns one whose only change is an upstream stage redone.
+A stage's hash covers the config keys its module declares (KEYS) and the hashes of the stages it
+reads (READS, and OPTIONAL_READS that ran or run now), so changing a key reruns that stage and the
+stages that read it, directly or not, and nothing else. A rerun skips a stage whose stage.json has
+the same hash, refuses one whose own keys changed (naming them) unless `force=[stage]`, and reruns
+one whose only change is an upstream stage redone.
 
     python run.py recipe=tiny_cpu stages=[critique_revise,sft]
 """
@@ -22,7 +24,6 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,50 +33,16 @@ import yaml
 
 from cai_lite import rundir
 from cai_lite.config import Config
+from cai_lite.stages import critique_revise, dpo, evaluate, export, label_preferences, ppo, reward_model, rloo, sft
 from cai_lite.typed_yaml import ConfigError
 
 log = logging.getLogger(__name__)
 current_stage: contextvars.ContextVar[str] = contextvars.ContextVar("stage", default="setup")
-BASE_KEYS = ("base.model", "base.create", "base.quantization", "base.dtype", "base.compute_dtype", "seed")
-TRAIN_KEYS = BASE_KEYS + ("lora",)
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    run: Callable  # run(cfg, base, out_dir) -> metrics dict
-    keys: tuple[str, ...]  # config keys whose values shape this stage's outputs
-    reads: tuple[str, ...]  # stages whose outputs it needs
-    optional_reads: tuple[str, ...] = ()  # stages whose outputs it uses when present
-    check: Callable | None = None  # check(cfg) -> list of problems, run before any model loads
-
-
-def stage_table() -> list[Stage]:
-    """The pipeline, in order. Imported lazily so `--help` stays fast."""
-    from cai_lite.stages import (critique_revise, dpo, evaluate, export, label_preferences, ppo, reward_model,
-                                 rloo, sft)
-
-    gen = BASE_KEYS + ("generation", "data", "constitution")
-    judge = ("judge", "judges", "judge_vote")
-    return [
-        Stage("critique_revise", critique_revise.run, gen + ("critique_revise",), (), check=critique_revise.check),
-        Stage("sft", sft.run, TRAIN_KEYS + ("sft",), ("critique_revise",)),
-        Stage("label_preferences", label_preferences.run, gen + judge + ("label_preferences",), ("sft",),
-              check=label_preferences.check),
-        Stage("reward_model", reward_model.run, TRAIN_KEYS + ("reward_model",), ("label_preferences",)),
-        Stage("ppo", ppo.run, TRAIN_KEYS + ("data", "generation", "ppo"), ("sft", "reward_model"), check=ppo.check),
-        Stage("rloo", rloo.run, TRAIN_KEYS + ("data", "generation", "rloo"), ("sft", "reward_model"), check=rloo.check),
-        Stage("dpo", dpo.run, TRAIN_KEYS + ("dpo",), ("sft", "label_preferences")),
-        # evaluate also reads what other stages trained on, to keep it out of the held-out prompts
-        Stage("evaluate", evaluate.run, gen + judge + ("evaluate",
-                                                       "critique_revise.helpful_prompts", "critique_revise.helpful_limit",
-                                                       "label_preferences.helpful_prompts", "label_preferences.helpful_limit",
-                                                       "label_preferences.prompts", "ppo.prompts", "ppo.helpful_prompts",
-                                                       "ppo.helpful_limit", "rloo.prompts", "rloo.helpful_prompts",
-                                                       "rloo.helpful_limit"), ("sft",),
-              ("reward_model", "ppo", "rloo", "dpo"), check=evaluate.check),
-        Stage("export", export.run, BASE_KEYS + ("export",), (), ("sft", "ppo", "rloo", "dpo"), check=export.check),
-    ]
+# The pipeline, in order: plain stage modules. Each declares next to its run() the config KEYS its
+# hash covers, the stages it READS (and OPTIONAL_READS when they ran), the OUTPUTS it leaves in its
+# folder and the HEADLINE metric of the summary; it may define check(cfg), run before any model loads.
+STAGES = [critique_revise, sft, label_preferences, reward_model, ppo, rloo, dpo, evaluate, export]
+NAMES = [s.__name__.rsplit(".", 1)[1] for s in STAGES]  # config.STAGES spells them too (a test keeps them equal)
 
 
 # Judge keys that change speed or when to give up, not the labels.
@@ -105,7 +72,7 @@ def _flatten(d, prefix: str = "") -> dict:
 
 
 def read_stage_json(cfg: Config, name: str) -> dict | None:
-    p = cfg.path / name / "stage.json"
+    p = rundir.stage_dir(cfg.path, name) / "stage.json"
     return json.loads(p.read_text()) if p.is_file() else None
 
 
@@ -125,7 +92,7 @@ def _stale(done: dict | None, present: list[str], outputs: dict[str, str | None]
     return [up for up in present if outputs.get(up) is None or made_from.get(up) != outputs[up]]
 
 
-def plan(cfg: Config, table: list[Stage]) -> Plan:
+def plan(cfg: Config) -> Plan:
     """Decide run/skip for every selected stage; raise ConfigError with every refusal.
 
     A stage reruns when forced, when its config hash changed through an upstream stage's config,
@@ -133,49 +100,49 @@ def plan(cfg: Config, table: list[Stage]) -> Plan:
     of what it read). It is refused when its own keys changed, and so is reading an unselected
     stage whose output no longer matches the config or its own inputs."""
     errors: list[str] = []
-    selected = {s.name for s in table if s.name in cfg.stages}
+    selected = {name for name in NAMES if name in cfg.stages}
     hashes: dict[str, str] = {}
     snapshots: dict[str, dict] = {}
     actions: dict[str, str] = {}
     inputs: dict[str, list[str]] = {}
     outputs: dict[str, str | None] = {}  # stage -> output_id on disk; None if remade in this run
     lab_model = _lab_hash(cfg)
-    for stage in table:
-        done = read_stage_json(cfg, stage.name)
-        present = [up for up in stage.reads + stage.optional_reads if up in selected or read_stage_json(cfg, up)]
-        inputs[stage.name] = present
-        if stage.name in selected:
-            for up in stage.reads:
+    for name, stage in zip(NAMES, STAGES):
+        done = read_stage_json(cfg, name)
+        present = [up for up in stage.READS + stage.OPTIONAL_READS if up in selected or read_stage_json(cfg, up)]
+        inputs[name] = present
+        if name in selected:
+            for up in stage.READS:
                 if up not in present:
-                    errors.append(f"stages: {stage.name} reads the output of {up}, which is neither selected nor "
+                    errors.append(f"stages: {name} reads the output of {up}, which is neither selected nor "
                                   f"done in {cfg.path} (add {up} to stages)")
-        snap = {"config": {k: _pick(cfg, k) for k in stage.keys} | rundir.file_digests(cfg, stage.keys),
+        snap = {"config": {k: _pick(cfg, k) for k in stage.KEYS} | rundir.file_digests(cfg, stage.KEYS),
                 "inputs": {up: hashes[up] for up in present}}
         if lab_model:  # the base's content, which its path and seed alone do not pin (a new release retrains it)
             snap["config"]["base.lab_model"] = lab_model
-        snapshots[stage.name] = snap
-        hashes[stage.name] = hashlib.sha256(json.dumps(snap, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        snapshots[name] = snap
+        hashes[name] = hashlib.sha256(json.dumps(snap, sort_keys=True, default=str).encode()).hexdigest()[:16]
         changes = _own_changes(done, snap) if done else []
         stale = _stale(done, present, outputs)
-        if stage.name not in selected:
-            outputs[stage.name] = done.get("output_id") if done else None
-            readers = [s.name for s in table if s.name in selected and stage.name in s.reads + s.optional_reads]
+        if name not in selected:
+            outputs[name] = done.get("output_id") if done else None
+            readers = [n for n, s in zip(NAMES, STAGES) if n in selected and name in s.READS + s.OPTIONAL_READS]
             if done and readers and (changes or stale):
                 why = (f"it was made with other settings ({'; '.join(changes)})" if changes
                        else f"its input {', '.join(stale)} was remade after it ran")
-                errors.append(f"{stage.name}: its output in {cfg.path} is out of date: {why}, and "
-                              f"{', '.join(readers)} would read it; add {stage.name} to stages to redo it")
+                errors.append(f"{name}: its output in {cfg.path} is out of date: {why}, and "
+                              f"{', '.join(readers)} would read it; add {name} to stages to redo it")
             continue
-        if stage.name in cfg.force or done is None:
-            actions[stage.name] = "run"
+        if name in cfg.force or done is None:
+            actions[name] = "run"
         elif changes:
-            errors.append(f"{stage.name}: already done with other settings: {'; '.join(changes)}. "
-                          f"Use force=[{stage.name}] to redo it, or run_name= for a new run")
-        elif done["config_hash"] != hashes[stage.name] or stale:
-            actions[stage.name] = "run"  # an upstream stage changed or was redone: redo this one too
+            errors.append(f"{name}: already done with other settings: {'; '.join(changes)}. "
+                          f"Use force=[{name}] to redo it, or run_name= for a new run")
+        elif done["config_hash"] != hashes[name] or stale:
+            actions[name] = "run"  # an upstream stage changed or was redone: redo this one too
         else:
-            actions[stage.name] = "skip"
-        outputs[stage.name] = None if actions.get(stage.name) == "run" else done.get("output_id")
+            actions[name] = "skip"
+        outputs[name] = None if actions.get(name) == "run" else done.get("output_id")
     if errors:
         raise ConfigError(errors)
     return Plan(actions, hashes, snapshots, inputs)
@@ -185,6 +152,9 @@ def _own_changes(done: dict, snap: dict) -> list[str]:
     old, new = _flatten(done.get("config", {})), _flatten(snap["config"])
     # Outputs made before inputs were hashed by content record no digest: trust them by path.
     new = {k: v for k, v in new.items() if not k.endswith(":sha256") or k in old}
+    # Keys a stage no longer declares (a newer cai_lite hashes fewer) are no change of settings: the
+    # hash differs, so the stage reruns rather than being refused.
+    old = {k: v for k, v in old.items() if k in new}
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
@@ -228,12 +198,12 @@ def check_base(cfg: Config) -> list[str]:
             "then set base.model to that folder"]
 
 
-def preflight(cfg: Config, table: list[Stage], actions: dict[str, str]) -> None:
+def preflight(cfg: Config, actions: dict[str, str]) -> None:
     """Every check that needs files or servers but no model, all reported together."""
     errors: list[str] = check_base(cfg) if "run" in actions.values() else []
     errors += rundir.check_writable(cfg.path)
-    for stage in table:
-        if actions.get(stage.name) == "run" and stage.check is not None:
+    for name, stage in zip(NAMES, STAGES):
+        if actions.get(name) == "run" and hasattr(stage, "check"):  # check() is optional in a stage's contract
             errors += stage.check(cfg)
     if errors:
         raise ConfigError(list(dict.fromkeys(errors)))  # two stages sharing a judge report its problem once
@@ -270,12 +240,11 @@ def run(cfg: Config) -> dict[str, dict]:
 
     Everything that can be checked without a model is checked before the run dir is created or
     anything in it is touched; then the run dir is locked for the rest of the run."""
-    table = stage_table()
     if cfg.path.is_dir():
         with rundir.locked(cfg.path):
             for name in rundir.recover(cfg.path):
                 log.warning("%s: a redo of it did not finish; its finished output is back in place", name)
-    decided = plan(cfg, table)
+    decided = plan(cfg)
     if cfg.base.create in LAB_SIZES and "run" in decided.actions.values():
         from cai_lite.lab import pretrain
 
@@ -286,24 +255,24 @@ def run(cfg: Config) -> dict[str, dict]:
             pretrain.build_lab_model(cfg.base.model, cfg.seed, LAB_SIZES[cfg.base.create])
         except ValueError as e:
             raise ConfigError([str(e)]) from None
-    preflight(cfg, table, decided.actions)
+    preflight(cfg, decided.actions)
     with rundir.locked(cfg.path):
-        decided = plan(cfg, table)  # again, now that no other process can finish a stage meanwhile
-        return _execute(cfg, table, decided)
+        decided = plan(cfg)  # again, now that no other process can finish a stage meanwhile
+        return _execute(cfg, decided)
 
 
-def _execute(cfg: Config, table: list[Stage], decided: Plan) -> dict[str, dict]:
+def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
     from cai_lite import models, tiny
 
     tmp = cfg.path / "config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     tmp.replace(cfg.path / "config.yaml")
     results: dict[str, dict] = {}
-    todo = [s for s in table if decided.actions.get(s.name) == "run"]
-    for s in table:
-        if decided.actions.get(s.name) == "skip":
-            log.info("%s: done with the same config, skipping", s.name)
-            results[s.name] = read_stage_json(cfg, s.name)
+    todo = [(name, s) for name, s in zip(NAMES, STAGES) if decided.actions.get(name) == "run"]
+    for name in NAMES:
+        if decided.actions.get(name) == "skip":
+            log.info("%s: done with the same config, skipping", name)
+            results[name] = read_stage_json(cfg, name)
     if not todo:
         return results
     if cfg.base.create.startswith("tiny-") and not Path(cfg.base.model).exists():
@@ -313,15 +282,15 @@ def _execute(cfg: Config, table: list[Stage], decided: Plan) -> dict[str, dict]:
     base = models.load_base(cfg)
     memory = _Memory(base.device)
     made_by = rundir.versions()
-    for stage in todo:
-        out = cfg.path / stage.name
+    for name, stage in todo:
+        out = rundir.stage_dir(cfg.path, name)
         # Partial shards are resumed only if made with this config from these very inputs.
-        inputs_done = {up: read_stage_json(cfg, up)["output_id"] for up in decided.inputs[stage.name]}
-        key = json.dumps({"config_hash": decided.hashes[stage.name], "inputs_done": inputs_done}, sort_keys=True)
+        inputs_done = {up: read_stage_json(cfg, up)["output_id"] for up in decided.inputs[name]}
+        key = json.dumps({"config_hash": decided.hashes[name], "inputs_done": inputs_done}, sort_keys=True)
         marker = out / ".resume_key"
         resumable = marker.is_file() and marker.read_text() == key and not (out / "stage.json").is_file()
         replaced = False
-        if out.exists() and (stage.name in cfg.force or not resumable):
+        if out.exists() and (name in cfg.force or not resumable):
             if (out / "stage.json").is_file():
                 rundir.set_aside(out)  # put back if this redo fails: a finished output is never lost
                 replaced = True
@@ -329,16 +298,18 @@ def _execute(cfg: Config, table: list[Stage], decided: Plan) -> dict[str, dict]:
                 shutil.rmtree(out)  # partial outputs of other settings or inputs: never mix them with new ones
         out.mkdir(parents=True, exist_ok=True)
         marker.write_text(key)
-        token = current_stage.set(stage.name)
+        token = current_stage.set(name)
         try:
             transformers.set_seed(cfg.seed)
             scope = memory.reset()
             start = time.perf_counter()
             log.info("start%s", " (resuming)" if resumable else "")
             metrics = stage.run(cfg, base, out)
+            if missing := [o for o in stage.OUTPUTS if not any(out.glob(o))]:
+                raise RuntimeError(f"{name}: finished without writing {', '.join(missing)} (its declared OUTPUTS)")
             record = {
-                "stage": stage.name,
-                "config_hash": decided.hashes[stage.name],
+                "stage": name,
+                "config_hash": decided.hashes[name],
                 "output_id": uuid.uuid4().hex,  # what later stages record having read
                 "inputs_done": inputs_done,
                 "seconds": round(time.perf_counter() - start, 2),
@@ -346,15 +317,15 @@ def _execute(cfg: Config, table: list[Stage], decided: Plan) -> dict[str, dict]:
                 "peak_memory_scope": scope,
                 "memory": models.memory_account(base),
                 "versions": made_by,
-                **decided.snapshots[stage.name],
+                **decided.snapshots[name],
                 **metrics,
             }
             rundir.write_json(out / "stage.json", record)  # last: its presence means the stage finished
-            results[stage.name] = record
+            results[name] = record
             log.info("done in %.1f s", record["seconds"])
         except BaseException:
             if replaced and rundir.put_back(out):
-                log.warning("the redo failed: the finished output of %s from before is back in place", stage.name)
+                log.warning("the redo failed: the finished output of %s from before is back in place", name)
             raise
         finally:
             current_stage.reset(token)
@@ -383,19 +354,13 @@ def setup_logging(level: str) -> None:
     root.propagate = False
 
 
-HEADLINE = {  # the one metric per stage worth a glance on the terminal
-    "critique_revise": "rows", "sft": "loss_last", "label_preferences": "labels", "reward_model": "eval_accuracy",
-    "ppo": "reward_last", "rloo": "reward_last", "dpo": "margin_last", "evaluate": "summary", "export": "gguf",
-}
-
-
 def summary(cfg: Config, results: dict[str, dict]) -> str:
     """A compact table of what ran, for the end of `python run.py`."""
     lines = [f"run: {cfg.path}", f"{'stage':<18} {'seconds':>8} {'peak MB':>8}  result"]
     for name, r in results.items():
-        key = HEADLINE.get(name, "")
+        key = STAGES[NAMES.index(name)].HEADLINE  # the one metric per stage worth a glance on the terminal
         lines.append(f"{name:<18} {r.get('seconds', 0):>8.1f} {r.get('peak_memory_mb', 0):>8.0f}  {key}={r.get(key)}")
-    table = cfg.path / "evaluate" / "summary.txt"
+    table = rundir.stage_dir(cfg.path, "evaluate") / "summary.txt"
     if "evaluate" in results and table.is_file():
         lines += ["", table.read_text().rstrip()]
     return "\n".join(lines)

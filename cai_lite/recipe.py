@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from cai_lite.config import DEFAULT_RECIPE, RECIPES, SHIPPED, STAGES, Config
-from cai_lite.typed_yaml import ConfigError, apply_override, build, describe, parse_override
+from cai_lite.typed_yaml import ConfigError, apply_override, build, check_ranges, describe, parse_override
 
 
 def available_recipes() -> dict[str, str]:
@@ -173,69 +173,20 @@ def _resolve_judges(cfg: Config, data: dict, overrides: list) -> None:
 
 
 def validate(cfg: Config) -> list[str]:
-    """Checks that need no file or model: ranges and cross-field rules. Each message names its key."""
+    """Checks that need no file or model: each number field against the range declared beside it in
+    config.py (a negative temperature would quietly mean greedy, a negative learning rate would train
+    backwards), and the rules across fields. Each message names its key."""
     e = []
     for key in ("stages", "force"):
         for s in getattr(cfg, key):
             if s not in STAGES:
                 e.append(f"{key}: unknown stage {s!r} (stages: {', '.join(STAGES)})")
-    if cfg.critique_revise.rounds < 1:
-        e.append(f"critique_revise.rounds must be >= 1 (got {cfg.critique_revise.rounds})")
-    if cfg.label_preferences.num_responses < 2:
-        e.append(f"label_preferences.num_responses must be >= 2 to form a pair (got {cfg.label_preferences.num_responses})")
-    if cfg.label_preferences.num_principles < 1:
-        e.append(f"label_preferences.num_principles must be >= 1 (got {cfg.label_preferences.num_principles})")
-    if cfg.rloo.num_samples < 2:
-        e.append(f"rloo.num_samples must be >= 2 for a leave-one-out baseline (got {cfg.rloo.num_samples})")
-    if not 0 < cfg.reward_model.eval_fraction < 1:
-        e.append(f"reward_model.eval_fraction must be in (0, 1) (got {cfg.reward_model.eval_fraction})")
+    e += check_ranges(cfg)
     if cfg.ppo.minibatch_size >= 1 and cfg.ppo.batch_size % cfg.ppo.minibatch_size:
         e.append(f"ppo.batch_size ({cfg.ppo.batch_size}) must be a multiple of ppo.minibatch_size ({cfg.ppo.minibatch_size})")
-    for i, jc in enumerate(cfg.all_judges()):
-        if not 0 <= jc.max_failure_rate <= 1:
-            where = "judge" if not cfg.judges else f"judges[{i}]"
-            e.append(f"{where}.max_failure_rate must be in [0, 1] (got {jc.max_failure_rate})")
-    if not 0 <= cfg.dpo.min_confidence < 0.5:
-        e.append(f"dpo.min_confidence must be in [0, 0.5) (got {cfg.dpo.min_confidence})")
     for t in cfg.export.gguf_types:
         if t not in ("f32", "f16", "q8_0"):
             e.append(f"export.gguf_types: unknown type {t!r} (f32, f16, q8_0)")
-    if cfg.export.adapter not in ("none", "sft", "ppo", "rloo", "dpo"):
-        e.append(f"export.adapter must be none, sft, ppo, rloo or dpo (got {cfg.export.adapter!r})")
-    at_least_one = ["generation.batch_size", "generation.max_new_tokens", "generation.max_prompt_tokens", "lora.r",
-                    "critique_revise.shard_size", "label_preferences.shard_size", "sft.batch_size", "sft.grad_accum",
-                    "reward_model.batch_size", "reward_model.epochs", "ppo.steps", "ppo.batch_size", "ppo.minibatch_size",
-                    "ppo.grad_accum", "ppo.ppo_epochs", "ppo.max_new_tokens", "rloo.steps", "rloo.batch_size",
-                    "rloo.max_new_tokens", "dpo.batch_size", "dpo.grad_accum", "evaluate.max_new_tokens",
-                    "evaluate.bootstrap", "evaluate.num_principles", "judge.batch_size", "judge.n_ctx", "judge.n_threads", "judge.concurrency",
-                    "judge.top_logprobs", "ppo.logit_chunk"]
-    at_least_zero = ["data.limit", "data.eval_prompts", "critique_revise.few_shot", "critique_revise.helpful_limit",
-                     "label_preferences.max_prompts", "label_preferences.few_shot", "label_preferences.helpful_limit",
-                     "ppo.helpful_limit", "rloo.helpful_limit", "evaluate.helpful_limit", "evaluate.prompts_limit",
-                     "evaluate.paper_eval_limit", "judge.retries", "sft.save_every", "reward_model.save_every",
-                     "ppo.save_every", "rloo.save_every", "dpo.save_every"]
-    # Real-valued keys: (key, lowest, highest, lowest allowed itself). A negative temperature would
-    # quietly mean greedy, a negative learning rate would train backwards: refuse both by name.
-    bounded = [(k, 0.0, None, False) for k in ("sft.lr", "reward_model.lr", "ppo.lr", "rloo.lr", "dpo.lr", "dpo.beta",
-                                               "dpo.epochs", "ppo.clip_range", "ppo.clip_range_value")]
-    bounded += [(k, 0.0, None, True) for k in ("generation.temperature", "label_preferences.temperature",
-                                               "ppo.temperature", "rloo.temperature", "ppo.kl_coef", "ppo.kl_target",
-                                               "rloo.kl_coef", "ppo.vf_coef", "ppo.missing_eos_penalty",
-                                               "rloo.missing_eos_penalty", "reward_model.margin", "sft.helpful_mix")]
-    bounded += [("generation.top_p", 0.0, 1.0, False), ("ppo.gamma", 0.0, 1.0, True), ("ppo.lam", 0.0, 1.0, True)]
-    for key, low, high, closed in bounded:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value != value or (value < low if closed else value <= low) or (high is not None and value > high):
-            span = f"{'[' if closed else '('}{low:g}, {high:g}]" if high is not None else f"{'>=' if closed else '>'} {low:g}"
-            e.append(f"{key} must be {'in ' if high is not None else ''}{span} (got {value})")
-    if not 0 <= cfg.lora.dropout < 1:
-        e.append(f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
-    for key, minimum in [(k, 1) for k in at_least_one] + [(k, 0) for k in at_least_zero]:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)  # every key here is in the schema: no default needed
-        if value < minimum:
-            e.append(f"{key} must be >= {minimum} (got {value})")
     return e
 
 

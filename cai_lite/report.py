@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from cai_lite import rundir  # noqa: E402
 from cai_lite.config import Config  # noqa: E402
 
 
@@ -212,7 +213,7 @@ def _read_log(path: Path) -> list[dict]:
 
 
 def plot_rl_curves(run_dir: Path, path: Path) -> bool:
-    logs = {name: _read_log(run_dir / name / "log.jsonl") for name in ("ppo", "rloo")}
+    logs = {name: _read_log(rundir.stage_dir(run_dir, name) / "log.jsonl") for name in ("ppo", "rloo")}
     logs = {k: v for k, v in logs.items() if v}
     if not logs:
         return False
@@ -237,7 +238,7 @@ def plot_rl_curves(run_dir: Path, path: Path) -> bool:
 
 
 def plot_judges(run_dir: Path, path: Path) -> bool:
-    stage = run_dir / "label_preferences" / "stage.json"
+    stage = rundir.stage_dir(run_dir, "label_preferences") / "stage.json"
     if not stage.is_file():
         return False
     per = json.loads(stage.read_text())["judges"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cai_lite import data, generation, losses, models
+from cai_lite import data, generation, losses, models, rundir
 from cai_lite.models import SharedBase
 
 
@@ -161,7 +161,7 @@ def score_texts(base: SharedBase, texts: list[str], batch_size: int, max_tokens:
 def load_reward_stats(run_dir: Path) -> dict:
     """Mean and std of the reward model's scores on its training responses, for normalisation.
     A missing or damaged file raises data.DataError naming it: RL would otherwise divide by garbage."""
-    path = run_dir / "reward_model" / "reward_stats.json"
+    path = rundir.stage_dir(run_dir, "reward_model") / "reward_stats.json"
     redo = "; rerun the reward model with force=[reward_model]"
     try:
         stats = json.loads(path.read_bytes())
@@ -184,6 +184,6 @@ def load_reward_stats(run_dir: Path) -> dict:
 
 def load_roles(base: SharedBase, run_dir: Path) -> None:
     """Load what RL needs onto the base: `sft`, its frozen copy `reference`, and `reward` (+ head)."""
-    models.load_adapter(base, "sft", run_dir / "sft" / "adapter")
-    models.load_adapter(base, "reward", run_dir / "reward_model" / "adapter")
+    models.load_adapter(base, "sft", rundir.adapter_dir(run_dir, "sft"))
+    models.load_adapter(base, "reward", rundir.adapter_dir(run_dir, "reward_model"))
     models.copy_adapter(base, "sft", "reference")  # the KL anchor is the SL-CAI model, not the bare base

@@ -25,11 +25,28 @@ from pathlib import Path
 
 from cai_lite.typed_yaml import ConfigError
 
+# The keys that pin the base model, in every stage's KEYS (device and speed settings stay out of hashes).
+BASE_KEYS = ("base.model", "base.create", "base.quantization", "base.dtype", "base.compute_dtype", "seed")
 # Config keys naming an input file whose contents shape a stage's outputs. A stage's hash covers
 # the file's bytes, so an edited prompts file or constitution at the same path is a change.
 FILE_KEYS = ("data.prompts", "constitution", "critique_revise.helpful_prompts", "label_preferences.prompts",
              "label_preferences.helpful_prompts", "ppo.prompts", "ppo.helpful_prompts", "rloo.prompts",
              "rloo.helpful_prompts", "evaluate.prompts", "evaluate.helpful_prompts")
+
+
+def stage_dir(run: Path, stage: str) -> Path:
+    """`runs/<run>/<stage>/`: a stage's outputs and its stage.json. The only place that spells it."""
+    return run / stage
+
+
+def adapter_dir(run: Path, stage: str) -> Path:
+    """The PEFT folder a training stage leaves (its OUTPUTS name `adapter`)."""
+    return stage_dir(run, stage) / "adapter"
+
+
+def is_done(run: Path, stage: str) -> bool:
+    """The stage finished in this run dir: its stage.json, written last, is there."""
+    return (stage_dir(run, stage) / "stage.json").is_file()
 
 
 @contextmanager
@@ -129,7 +146,7 @@ def recover(run: Path) -> list[str]:
     folder with no stage.json); drop leftovers whose redo finished. Returns the stages put back."""
     restored = []
     for backup in sorted(run.glob(".*.replaced")):
-        out = run / backup.name[1:-len(".replaced")]
+        out = stage_dir(run, backup.name[1:-len(".replaced")])
         if (out / "stage.json").is_file():
             shutil.rmtree(backup)
         elif put_back(out):

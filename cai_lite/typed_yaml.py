@@ -2,7 +2,8 @@
 
 Reads nothing from disk; `config.py` hands it the recipe's parsed YAML and the command line.
 The schema is plain dataclasses whose fields carry a docstring (the string literal right after
-the field), which `field_docs()` reads back for `--help`.
+the field), which `field_docs()` reads back for `--help`, and number fields their allowed values
+(`ranged()`), which `check_ranges()` enforces.
 
     python -c "from cai_lite.config import Config; from cai_lite.typed_yaml import describe; print(describe(Config))"
 """
@@ -13,6 +14,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -41,6 +43,42 @@ def field_docs(cls: type) -> dict[str, str]:
             if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def ranged(default: float, span: str) -> Any:
+    """A number field and the values it takes: "> 0", ">= 1" or an interval such as "(0, 1]",
+    optionally followed by why (the end of the error message)."""
+    return dataclasses.field(default=default, metadata={"range": span})
+
+
+_SPAN = re.compile(r"(>=?) (-?[\d.]+)|([(\[])(-?[\d.]+), (-?[\d.]+)([)\]])")
+
+
+def _allows(span: str, value: float) -> bool:
+    """Whether `value` is in `span`; NaN never is."""
+    m = _SPAN.match(span)
+    if m[1]:
+        return value >= float(m[2]) if m[1] == ">=" else value > float(m[2])
+    low, high = float(m[4]), float(m[5])
+    return (low <= value if m[3] == "[" else low < value) and (value <= high if m[6] == "]" else value < high)
+
+
+def check_ranges(obj: Any, prefix: str = "") -> list[str]:
+    """`KEY must be SPAN (got VALUE)` for each field of `obj`, its sections and its lists of
+    sections, that lies outside its `ranged()` span."""
+    errors = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            errors += check_ranges(value, f"{prefix}{f.name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    errors += check_ranges(item, f"{prefix}{f.name}[{i}].")
+        elif "range" in f.metadata and not _allows(f.metadata["range"], value):
+            span = f.metadata["range"]
+            errors.append(f"{prefix}{f.name} must be {'in ' if span[0] in '([' else ''}{span} (got {value})")
+    return errors
 
 
 @cache
@@ -217,5 +255,6 @@ def describe(cls: type, prefix: str = "", obj: Any = None) -> list[str]:
             continue
         value, default = shown(value), shown(getattr(defaults, f.name))
         differs = f"   (default {default!r})" if value != default else ""
-        lines.append(f"  {prefix}{f.name}: {type_name(t)} = {value!r}{differs}\n      {docs.get(f.name, '')}")
+        span = f"   (must be {f.metadata['range']})" if "range" in f.metadata else ""
+        lines.append(f"  {prefix}{f.name}: {type_name(t)} = {value!r}{differs}{span}\n      {docs.get(f.name, '')}")
     return lines

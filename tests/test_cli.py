@@ -44,10 +44,11 @@ def test_config_flag_is_the_recipe_key():
 
 
 def test_double_dash_flags_are_key_value():
-    want = load_config(["sft.lr=1e-4", "stages=[sft,ppo]", "run_name=007", "seed=-1", "base.gradient_checkpointing=false"])
-    got = load_config(["--sft.lr", "1e-4", "--stages", "[sft,ppo]", "--run-name=007", "--seed", "-1",
+    want = load_config(["sft.lr=1e-4", "stages=[sft,ppo]", "run_name=007", "sft.max_steps=-1",
+                        "base.gradient_checkpointing=false"])
+    got = load_config(["--sft.lr", "1e-4", "--stages", "[sft,ppo]", "--run-name=007", "--sft.max_steps", "-1",
                        "--base.gradient_checkpointing", "false"])
-    assert _same(got, want) and got.run_name == "007" and got.seed == -1
+    assert _same(got, want) and got.run_name == "007" and got.sft.max_steps == -1 != load_config([]).sft.max_steps
     errors = _errors(["--sft.lr", "--sft.lrr", "1", "stray"])
     assert errors[0] == "--sft.lr: expected a value (--sft.lr VALUE or --sft.lr=VALUE)"
     assert "sft.lrr: no such key (did you mean sft.lr?)" in errors

@@ -143,6 +143,17 @@ def test_cli_errors_exit_nonzero_without_traceback():
     ("ppo.kl_coef=-0.1", "ppo.kl_coef must be >= 0 (got -0.1)"),
     ("lora.dropout=1", "lora.dropout must be in [0, 1) (got 1.0)"),
     ("ppo.helpful_limit=-1", "ppo.helpful_limit must be >= 0 (got -1)"),
+    ("sft.epochs=0", "sft.epochs must be > 0 (got 0.0)"),
+    ("sft.warmup_ratio=1.5", "sft.warmup_ratio must be in [0, 1] (got 1.5)"),
+    ("sft.max_steps=-2", "sft.max_steps must be >= -1 (got -2)"),
+    ("ppo.kl_horizon=0", "ppo.kl_horizon must be >= 1 (got 0)"),
+    ("judge.timeout_s=0", "judge.timeout_s must be > 0 (got 0.0)"),
+    ("label_preferences.cot_max_new_tokens=0", "label_preferences.cot_max_new_tokens must be >= 1 (got 0)"),
+    ("label_preferences.num_responses=1", "label_preferences.num_responses must be >= 2 to form a pair (got 1)"),
+    ("evaluate.samples_in_report=-1", "evaluate.samples_in_report must be >= 0 (got -1)"),
+    ("data.max_prompt_chars=0", "data.max_prompt_chars must be >= 1 (got 0)"),
+    ("seed=-1", "seed must be >= 0 (got -1)"),
+    ("judges=[{backend: local, max_failure_rate: 2}]", "judges[0].max_failure_rate must be in [0, 1] (got 2.0)"),
 ])
 def test_out_of_range_values_are_refused_by_name(override, message):
     with pytest.raises(ConfigError) as e:
@@ -154,3 +165,19 @@ def test_edge_values_that_mean_something_are_allowed():
     cfg = load_config(["recipe=tiny_cpu", "generation.temperature=0", "generation.top_p=1", "ppo.kl_coef=0",
                        "sft.helpful_mix=0", "lora.dropout=0", "ppo.gamma=1", "ppo.lam=0"])
     assert cfg.generation.temperature == 0 and cfg.sft.helpful_mix == 0
+
+
+def test_every_number_field_declares_its_range():
+    import dataclasses
+    import typing
+
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from walk(hints[f.name], f"{prefix}{f.name}.")
+            elif hints[f.name] in (int, float):
+                yield f"{prefix}{f.name}", f.metadata.get("range")
+
+    missing = [key for key, span in walk(Config) if span is None]
+    assert missing == [], "give these a range: ranged(default, \"> 0\") in config.py"

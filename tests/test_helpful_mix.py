@@ -85,12 +85,12 @@ def test_evaluate_keeps_every_stages_helpful_prompts_out(tmp_path):
     cases = {"label_preferences": "how do I bake bread", "ppo": "how do I tie a knot", "rloo": "how do I swim"}
     for stage, text in cases.items():
         used = _prompts(tmp_path / f"{stage}.jsonl", [text])
-        cfg = load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'run'}", f"evaluate.helpful_prompts={held}",
-                           f"{stage}.helpful_prompts={used}"])
+        args = ["recipe=tiny_cpu", f"run_dir={tmp_path / 'run'}", f"evaluate.helpful_prompts={held}"]
+        cfg = load_config([*args, f"{stage}.helpful_prompts={used}"])
         red, helpful, excluded = evaluate.eval_prompts(cfg)
         assert text not in {p.text for p in helpful} and len(helpful) == 2 and excluded == 1, stage
-        # ...and the key is in evaluate's hash, so changing it reruns evaluate.
-        assert f"{stage}.helpful_prompts" in next(s for s in pipeline.stage_table() if s.name == "evaluate").keys
+        # ...and changing it reruns evaluate: the key is in that stage's hash, which evaluate's covers.
+        assert pipeline.plan(cfg).hashes["evaluate"] != pipeline.plan(load_config(args)).hashes["evaluate"], stage
 
 
 @pytest.mark.parametrize("stage", ["label_preferences", "ppo", "rloo"])

@@ -25,10 +25,10 @@ def test_the_lab_hash_is_in_every_stage_config(tmp_path, monkeypatch):
     assert pipeline._lab_hash(_cfg(tmp_path)) == "4-default"
     assert pipeline._lab_hash(_cfg(tmp_path, "base.create=lab-ci")) == "4-ci"
     assert pipeline._lab_hash(load_config(["recipe=tiny_cpu"])) == ""
-    decided = pipeline.plan(_cfg(tmp_path), pipeline.stage_table())
+    decided = pipeline.plan(_cfg(tmp_path))
     assert {s: snap["config"]["base.lab_model"] for s, snap in decided.snapshots.items()} == \
-        {s.name: "4-default" for s in pipeline.stage_table()}
-    tiny = pipeline.plan(load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'tiny'}"]), pipeline.stage_table())
+        {name: "4-default" for name in pipeline.NAMES}
+    tiny = pipeline.plan(load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'tiny'}"]))
     assert all("base.lab_model" not in snap["config"] for snap in tiny.snapshots.values())
 
 

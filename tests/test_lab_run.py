@@ -60,7 +60,7 @@ def test_a_changed_lab_model_is_a_changed_config(lab_run, monkeypatch):
     cfg, _ = lab_run
     monkeypatch.setattr(pipeline, "_lab_hash", lambda c: "0123456789abcdef")  # e.g. a new release's corpus
     with pytest.raises(ConfigError, match="base.lab_model: '[0-9a-f]{16}' -> '0123456789abcdef'"):
-        pipeline.plan(cfg, pipeline.stage_table())
+        pipeline.plan(cfg)
 
 
 def test_a_foreign_folder_is_never_overwritten(tmp_path):
@@ -81,4 +81,4 @@ def test_oracle_needs_a_lab_model(tmp_path, tiny_llama):
 
     assert any("evaluate.oracle=lab" in e and "lab_world.json" in e for e in evaluate.check(cfg))
     with pytest.raises(ConfigError, match="no lab_world.json"):
-        pipeline.preflight(cfg, pipeline.stage_table(), {"evaluate": "run"})
+        pipeline.preflight(cfg, {"evaluate": "run"})

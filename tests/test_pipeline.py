@@ -80,9 +80,8 @@ def test_speed_only_judge_keys_do_not_refuse(tmp_path, tiny_llama):
     cfg = tiny_config(tmp_path / "r", tiny_llama)
     slow = tiny_config(tmp_path / "r", tiny_llama, "judge.concurrency=1", "judge.timeout_s=5", "judge.batch_size=2")
     other = tiny_config(tmp_path / "r", tiny_llama, "judge.adapter=sft")
-    table = P.stage_table()
-    assert P.plan(cfg, table).hashes["label_preferences"] == P.plan(slow, table).hashes["label_preferences"]
-    assert P.plan(cfg, table).hashes["label_preferences"] != P.plan(other, table).hashes["label_preferences"]
+    assert P.plan(cfg).hashes["label_preferences"] == P.plan(slow).hashes["label_preferences"]
+    assert P.plan(cfg).hashes["label_preferences"] != P.plan(other).hashes["label_preferences"]
 
 
 def test_reading_a_missing_stage_is_refused_before_loading(tmp_path, tiny_llama):

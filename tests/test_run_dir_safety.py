@@ -7,13 +7,13 @@ error for a run dir that cannot be made.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 import pytest
 
 from cai_lite import data, pipeline, rundir
+from cai_lite.stages import critique_revise
 from cai_lite.typed_yaml import ConfigError
 
 from test_run_dir import _cfg
@@ -37,13 +37,12 @@ def test_a_redo_that_fails_puts_the_finished_output_back(tmp_path, fake_stages, 
     cfg = _cfg(tmp_path / "run", "stages=[critique_revise]", *base)
     first = pipeline.run(cfg)["critique_revise"]
     before = {p.name: p.read_bytes() for p in (cfg.path / "critique_revise").iterdir()}
-    table = pipeline.stage_table()
 
     def broken(cfg, base, out):
         data.write_shard(data.shard_path(out, 0), [{"half": "done"}])
         raise data.DataError("prompts.jsonl line 3: not JSON")
 
-    monkeypatch.setattr(pipeline, "stage_table", lambda: [dataclasses.replace(s, run=broken) for s in table])
+    monkeypatch.setattr(critique_revise, "run", broken)
     forced = _cfg(tmp_path / "run", "stages=[critique_revise]", "critique_revise.rounds=3", "force=[critique_revise]", *base)
     with pytest.raises(data.DataError):
         pipeline.run(forced)

@@ -64,6 +64,15 @@ def clean_revision(text: str, patterns: list[re.Pattern]) -> tuple[str, int]:
     return text.strip(), removed
 
 
+# The contract pipeline.py reads: config keys in this stage's hash, stages it reads (OPTIONAL_READS:
+# when they ran), what it leaves in critique_revise/ before stage.json, and the metric the run's summary shows.
+KEYS = rundir.BASE_KEYS + ("generation", "data", "constitution", "critique_revise")
+READS = ()
+OPTIONAL_READS = ()
+OUTPUTS = ("part-*.jsonl",)
+HEADLINE = "rows"
+
+
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     cr, g = cfg.critique_revise, cfg.generation
     const = C.load(cfg.constitution)

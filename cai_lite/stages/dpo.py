@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import DPOConfig, DPOTrainer
 
-from cai_lite import checkpoint, data, models
+from cai_lite import checkpoint, data, models, rundir
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -41,14 +41,23 @@ def preference_rows(rows: list[dict], min_confidence: float) -> tuple[list[dict]
     return out, ps
 
 
+# The contract pipeline.py reads: config keys in this stage's hash, stages it reads (OPTIONAL_READS:
+# when they ran), what it leaves in dpo/ before stage.json, and the metric the run's summary shows.
+KEYS = rundir.BASE_KEYS + ("lora", "dpo")
+READS = ("sft", "label_preferences")
+OPTIONAL_READS = ()
+OUTPUTS = ("adapter", "log.jsonl")
+HEADLINE = "margin_last"
+
+
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     dc = cfg.dpo
-    labelled = data.read_shards(cfg.path / "label_preferences")
+    labelled = data.read_shards(rundir.stage_dir(cfg.path, "label_preferences"))
     rows, ps = preference_rows(labelled, dc.min_confidence)
     if not rows:
-        raise data.DataError(f"{cfg.path / 'label_preferences'}: no pairs left after dpo.min_confidence={dc.min_confidence}")
+        raise data.DataError(f"{rundir.stage_dir(cfg.path, 'label_preferences')}: no pairs left after dpo.min_confidence={dc.min_confidence}")
     eps = sum(1 - max(p, 1 - p) for p in ps) / len(ps) if dc.label_smoothing == "soft" else 0.0
-    models.load_adapter(base, "sft", cfg.path / "sft" / "adapter")
+    models.load_adapter(base, "sft", rundir.adapter_dir(cfg.path, "sft"))
     args = DPOConfig(
         **trl_args(cfg, base.device.type, out),
         per_device_train_batch_size=dc.batch_size,

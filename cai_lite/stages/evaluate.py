@@ -8,8 +8,9 @@ on held-out red-team prompts and on benign helpful prompts, none of which any st
   - the mean score under the trained reward model;
   - the paper's HHH (438 items) and HarmfulVsEthical accuracies of each judge and of the reward model.
 
-Reads the held-out prompts, the adapters of the stages that ran, optional paper eval files, and
-the RL logs. Writes `evaluate/metrics.json`, `responses.jsonl`, `report.md`, PNG plots and
+Reads the held-out prompts, the adapters of the stages that ran, optional paper eval files, the
+SL-CAI revisions (critique_revise shards), the judges' position bias (label_preferences) and the RL
+logs. Writes `evaluate/metrics.json`, `responses.jsonl`, `report.md`, PNG plots and
 `summary.txt` (the table printed at the end of a run).
 
     python run.py recipe=tiny_cpu stages=[evaluate] evaluate.hhh_path=../shared/data/anthropic-cai-paper/438HHHEvaluations.jsonl
@@ -90,7 +91,7 @@ def eval_prompts(cfg: Config) -> tuple[list[data.Prompt], list[data.Prompt], int
                            ("rloo", ((rc.prompts, 0), (rc.helpful_prompts, rc.helpful_limit)))):
         # Only stages in this run or done in its folder trained a model here (a recipe may name
         # files for stages it does not run).
-        if stage in cfg.stages or (cfg.path / stage / "stage.json").is_file():
+        if stage in cfg.stages or rundir.is_done(cfg.path, stage):
             for source, limit in sources:
                 trained |= {p.text for p in data.read_optional(source, limit, cfg.data.max_prompt_chars)}
     candidates = split.held_out + data.read_optional(cfg.evaluate.helpful_prompts, 0, cfg.data.max_prompt_chars)
@@ -103,14 +104,23 @@ def eval_prompts(cfg: Config) -> tuple[list[data.Prompt], list[data.Prompt], int
     return red, helpful, len(candidates) - len(kept)
 
 
+# The contract pipeline.py reads: config keys in this stage's hash, stages it reads (OPTIONAL_READS:
+# when they ran), what it leaves in evaluate/ before stage.json, and the metric the run's summary shows.
+KEYS = rundir.BASE_KEYS + ("generation", "data", "constitution", "judge", "judges", "judge_vote", "evaluate")
+READS = ("critique_revise", "sft")
+OPTIONAL_READS = ("label_preferences", "reward_model", "ppo", "rloo", "dpo")
+OUTPUTS = ("metrics.json", "responses.jsonl", "report.md", "summary.txt")
+HEADLINE = "summary"
+
+
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     ev, g = cfg.evaluate, cfg.generation
     const = C.load(cfg.constitution)
     red, helpful, excluded = eval_prompts(cfg)
     present: dict[str, str | None] = {"base": None}
     for stage in CANDIDATES:
-        if (cfg.path / stage / "stage.json").is_file():
-            models.load_adapter(base, stage, cfg.path / stage / "adapter")
+        if rundir.is_done(cfg.path, stage):
+            models.load_adapter(base, stage, rundir.adapter_dir(cfg.path, stage))
             present[stage] = stage
     responses = _responses(cfg, base, present, red, helpful)
     with (out / "responses.jsonl").open("w", encoding="utf-8") as f:
@@ -206,8 +216,8 @@ def _judge_everything(cfg: Config, base: SharedBase, const: C.Constitution, pane
             outcomes += [ratings.Outcome(m, o, p) for p in ps]
     rates = {m: _rates(cfg, panel, tally, red, helpful, responses[m]) for m in tqdm(present, desc="evaluate: rates")}
     mean_reward = None
-    if (cfg.path / "reward_model" / "stage.json").is_file():
-        models.load_adapter(base, "reward", cfg.path / "reward_model" / "adapter")
+    if rundir.is_done(cfg.path, "reward_model"):
+        models.load_adapter(base, "reward", rundir.adapter_dir(cfg.path, "reward_model"))
         mean_reward = {m: rollout.score(base, [p.text for p in red + helpful],
                                         responses[m]["red_team"] + responses[m]["helpful"], cfg.generation.batch_size,
                                         cfg.generation.max_prompt_tokens + cfg.evaluate.max_new_tokens).mean().item()
@@ -256,8 +266,8 @@ def _paper_evals(cfg: Config, base: SharedBase, panel: list) -> dict:
         items = paper_evals.load_items(path, ev.paper_eval_limit)
         out[name] = {"judges": {j.name: paper_evals.judge_accuracy(j, items) for j in panel},
                      "always_A": paper_evals.share_of_letter(items, "A")}
-        if name == "hhh" and (cfg.path / "reward_model" / "stage.json").is_file():
-            models.load_adapter(base, "reward", cfg.path / "reward_model" / "adapter")
+        if name == "hhh" and rundir.is_done(cfg.path, "reward_model"):
+            models.load_adapter(base, "reward", rundir.adapter_dir(cfg.path, "reward_model"))
             out[name]["reward_model"] = paper_evals.reward_accuracy(base, items, cfg.generation.batch_size,
                                                                     cfg.generation.max_prompt_tokens)
     return out
@@ -265,7 +275,8 @@ def _paper_evals(cfg: Config, base: SharedBase, panel: list) -> dict:
 
 def _judge_revisions(cfg: Config, const: C.Constitution, judge) -> list[dict]:
     """The SL-CAI revisions the judge liked most and least, against the initial answers."""
-    rows = [r for r in data.read_shards(cfg.path / "critique_revise") if r["type"] == "harmless" and r["rounds"]]
+    shards = data.read_shards(rundir.stage_dir(cfg.path, "critique_revise"))
+    rows = [r for r in shards if r["type"] == "harmless" and r["rounds"]]
     rows = rows[: 4 * max(1, cfg.evaluate.samples_in_report)]
     if not rows:
         return []

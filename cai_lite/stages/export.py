@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cai_lite import models
+from cai_lite import models, rundir
 from cai_lite.config import Config
 from cai_lite.gguf_export import export_gguf
 from cai_lite.models import SharedBase
@@ -24,14 +24,23 @@ log = logging.getLogger(__name__)
 
 def check(cfg: Config) -> list[str]:
     a = cfg.export.adapter
-    if a != "none" and a not in cfg.stages and not (cfg.path / a / "stage.json").is_file():
+    if a != "none" and a not in cfg.stages and not rundir.is_done(cfg.path, a):
         return [f"export.adapter: stage {a!r} has not run in {cfg.path}; add it to stages or pick another"]
     return []
 
 
+# The contract pipeline.py reads: config keys in this stage's hash, stages it reads (OPTIONAL_READS:
+# when they ran), what it leaves in export/ before stage.json, and the metric the run's summary shows.
+KEYS = rundir.BASE_KEYS + ("export",)
+READS = ()
+OPTIONAL_READS = ("sft", "ppo", "rloo", "dpo")
+OUTPUTS = ("hf",)
+HEADLINE = "gguf"
+
+
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     ec = cfg.export
-    folder = None if ec.adapter == "none" else cfg.path / ec.adapter / "adapter"
+    folder = None if ec.adapter == "none" else rundir.adapter_dir(cfg.path, ec.adapter)
     model = models.merged_copy(base, folder, ec.dtype)
     hf = out / "hf"
     model.save_pretrained(hf)

@@ -51,6 +51,16 @@ def check(cfg: Config) -> list[str]:
             + data.check_source("label_preferences.helpful_prompts", lp.helpful_prompts))
 
 
+# The contract pipeline.py reads: config keys in this stage's hash, stages it reads (OPTIONAL_READS:
+# when they ran), what it leaves in label_preferences/ before stage.json, and the metric the run's summary shows.
+KEYS = rundir.BASE_KEYS + ("generation", "data", "constitution", "judge", "judges", "judge_vote",
+                           "label_preferences")
+READS = ("sft",)
+OPTIONAL_READS = ()
+OUTPUTS = ("part-*.jsonl",)
+HEADLINE = "labels"
+
+
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     lp = cfg.label_preferences
     const = C.load(cfg.constitution)
@@ -58,7 +68,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     prompts = prompts[: lp.max_prompts] if lp.max_prompts else prompts
     helpful = data.read_optional(lp.helpful_prompts, lp.helpful_limit, cfg.data.max_prompt_chars)
     items = [("harmless", p) for p in prompts] + [("helpful", p) for p in helpful]
-    models.load_adapter(base, "sft", cfg.path / "sft" / "adapter")
+    models.load_adapter(base, "sft", rundir.adapter_dir(cfg.path, "sft"))
     panel = judges.build(cfg, base)
     seconds = {j.name: 0.0 for j in panel}
     tally: dict[str, list[int]] = {}  # failed and total answers of this run, per judge

@@ -74,6 +74,15 @@ def rl_prompts(cfg: Config) -> list[str]:
     return [p.text for p in red + helpful]
 
 
+# The contract pipeline.py reads: config keys in this stage's hash, stages it reads (OPTIONAL_READS:
+# when they ran), what it leaves in ppo/ before stage.json, and the metric the run's summary shows.
+KEYS = rundir.BASE_KEYS + ("lora", "data", "generation", "ppo")
+READS = ("sft", "reward_model")
+OPTIONAL_READS = ()
+OUTPUTS = ("adapter", "log.jsonl")
+HEADLINE = "reward_last"
+
+
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     pc, g = cfg.ppo, cfg.generation
     rollout.load_roles(base, cfg.path)

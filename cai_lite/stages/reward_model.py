@@ -22,7 +22,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from cai_lite import checkpoint, data, generation, losses, models, rollout
+from cai_lite import checkpoint, data, generation, losses, models, rollout, rundir
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -66,14 +66,23 @@ def evaluate_pairs(base: SharedBase, rows: list[dict], batch_size: int, max_toke
     }
 
 
+# The contract pipeline.py reads: config keys in this stage's hash, stages it reads (OPTIONAL_READS:
+# when they ran), what it leaves in reward_model/ before stage.json, and the metric the run's summary shows.
+KEYS = rundir.BASE_KEYS + ("lora", "reward_model")
+READS = ("label_preferences",)
+OPTIONAL_READS = ()
+OUTPUTS = ("adapter", "reward_stats.json", "log.jsonl")
+HEADLINE = "eval_accuracy"
+
+
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     rm = cfg.reward_model
-    rows = data.read_shards(cfg.path / "label_preferences")  # labelled pairs only; failures sit in failed-*.jsonl
+    rows = data.read_shards(rundir.stage_dir(cfg.path, "label_preferences"))  # labelled pairs only; failures sit in failed-*.jsonl
     random.Random(cfg.seed).shuffle(rows)
     n_eval = max(1, int(round(len(rows) * rm.eval_fraction)))
     held, train = rows[:n_eval], rows[n_eval:]
     if not train:
-        raise data.DataError(f"{cfg.path / 'label_preferences'}: {len(rows)} usable labels leave none to train on "
+        raise data.DataError(f"{rundir.stage_dir(cfg.path, 'label_preferences')}: {len(rows)} usable labels leave none to train on "
                              f"after holding out reward_model.eval_fraction={rm.eval_fraction}")
     if "reward" in base.adapters:
         models.delete_adapter(base, "reward")
@@ -124,7 +133,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     metrics = {
         "train_pairs": len(train),
         "eval_pairs": len(held),
-        "skipped_failed_labels": len(data.read_failed(cfg.path / "label_preferences")),
+        "skipped_failed_labels": len(data.read_failed(rundir.stage_dir(cfg.path, "label_preferences"))),
         "loss": rm.loss,
         "loss_first": sum(h["loss"] for h in history[:k]) / k,
         "loss_last": sum(h["loss"] for h in history[-k:]) / k,

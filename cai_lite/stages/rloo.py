@@ -28,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import RLOOConfig, RLOOTrainer
 
-from cai_lite import checkpoint, data, models, rollout
+from cai_lite import checkpoint, data, models, rollout, rundir
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -38,6 +38,15 @@ log = logging.getLogger(__name__)
 def check(cfg: Config) -> list[str]:
     return data.check_source("rloo.prompts", cfg.rloo.prompts) + data.check_source("rloo.helpful_prompts",
                                                                                   cfg.rloo.helpful_prompts)
+
+
+# The contract pipeline.py reads: config keys in this stage's hash, stages it reads (OPTIONAL_READS:
+# when they ran), what it leaves in rloo/ before stage.json, and the metric the run's summary shows.
+KEYS = rundir.BASE_KEYS + ("lora", "data", "generation", "rloo")
+READS = ("sft", "reward_model")
+OPTIONAL_READS = ()
+OUTPUTS = ("adapter", "log.jsonl")
+HEADLINE = "reward_last"
 
 
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:

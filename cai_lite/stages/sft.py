@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig, SFTTrainer
 
-from cai_lite import checkpoint, data, models
+from cai_lite import checkpoint, data, models, rundir
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -47,12 +47,21 @@ def losses(history: list[dict]) -> list[float]:
     return [h["loss"] for h in history if "loss" in h]
 
 
+# The contract pipeline.py reads: config keys in this stage's hash, stages it reads (OPTIONAL_READS:
+# when they ran), what it leaves in sft/ before stage.json, and the metric the run's summary shows.
+KEYS = rundir.BASE_KEYS + ("lora", "sft")
+READS = ("critique_revise",)
+OPTIONAL_READS = ()
+OUTPUTS = ("adapter", "train_log.jsonl")
+HEADLINE = "loss_last"
+
+
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     s = cfg.sft
-    rows = data.read_shards(cfg.path / "critique_revise")
+    rows = data.read_shards(rundir.stage_dir(cfg.path, "critique_revise"))
     train = sft_rows(rows, s.targets, s.helpful_mix, cfg.seed)
     if not train:
-        raise data.DataError(f"{cfg.path / 'critique_revise'}: no rows to train on")
+        raise data.DataError(f"{rundir.stage_dir(cfg.path, 'critique_revise')}: no rows to train on")
     if "sft" in base.adapters:
         models.delete_adapter(base, "sft")
     models.add_adapter(base, "sft")
