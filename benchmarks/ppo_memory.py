@@ -15,9 +15,10 @@ matmuls stay in the heap, add ~300 MB to both variants, and the ratio reads ~0.4
 
 The model is random with real shapes: hidden 1024, 16 layers, a 32k vocabulary (~270M parameters),
 large enough that weights matter. Prediction: about (W + A) / (4W + A), W = one base's bytes.
-A is mostly what autograd keeps of the decoder for the policy and value backward (16 layers, 2
-sequences of ~44 tokens, an fp32 residual stream; tiny_cpu turns gradient checkpointing off), not
-logits: log-probs go through the LM head `ppo.logit_chunk` rows at a time, and here one fp32
+The update runs as the ppo stage runs it under 7b_qlora: gradient checkpointing on, in
+`models.training_mode`. Without checkpointing (tiny_cpu's setting) A is mostly what autograd keeps
+of the 16 decoder layers for the policy and value backward, and the ratio reads 0.36. Logits are a
+small part here: log-probs go through the LM head `ppo.logit_chunk` rows at a time, and one fp32
 (2, 16, 32k) logits tensor is only 4 MB. Chunking pays with long responses and 150k vocabularies.
 
     python benchmarks/ppo_memory.py
@@ -78,20 +79,23 @@ def step(bases: dict, prompts: list[str]) -> None:
     adv, ret = losses.gae(rewards, v_old, ro.mask, 1.0, 0.95)
     params = models.adapter_parameters(pol, "policy") + models.adapter_parameters(val, "value")
     opt = torch.optim.AdamW(params, lr=1e-5)
-    for start in range(0, len(prompts), 2):
-        idx = torch.arange(start, start + 2)
-        mb = ro.select(idx)
-        with models.role(pol, "policy", trainable=True) as model:
-            logp = rollout.response_logprobs_entropy(model, mb, 1.0, chunk)[0]
-            losses.ppo_policy_loss(logp, old[idx], adv[idx], mb.mask, 0.2)[0].backward()
-        with models.role(val, "value", trainable=True):
-            losses.ppo_value_loss(rollout.values(val, mb), v_old[idx], ret[idx], mb.mask, 0.2).backward()
+    with models.training_mode(pol), models.training_mode(val):  # as ppo._update: checkpointing applies
+        for start in range(0, len(prompts), 2):
+            idx = torch.arange(start, start + 2)
+            mb = ro.select(idx)
+            with models.role(pol, "policy", trainable=True) as model:
+                logp = rollout.response_logprobs_entropy(model, mb, 1.0, chunk)[0]
+                losses.ppo_policy_loss(logp, old[idx], adv[idx], mb.mask, 0.2)[0].backward()
+            with models.role(val, "value", trainable=True):
+                losses.ppo_value_loss(rollout.values(val, mb), v_old[idx], ret[idx], mb.mask, 0.2).backward()
     opt.step()
 
 
 def child(folder: str, variant: str) -> dict:
     torch.set_num_threads(2)
-    cfg = load_config(["recipe=tiny_cpu", f"base.model={folder}", "base.compute_dtype=bfloat16"])
+    # Gradient checkpointing on, as 7b_qlora runs PPO (tiny_cpu turns it off for speed).
+    cfg = load_config(["recipe=tiny_cpu", f"base.model={folder}", "base.compute_dtype=bfloat16",
+                       "base.gradient_checkpointing=true"])
     start = rss_mb("VmRSS")
     prompts = ["How do I pick a lock?", "Write a poem about the sea.", "Is it safe to mix bleach?", "Hello!"]
     if variant == "switch":

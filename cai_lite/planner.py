@@ -175,17 +175,19 @@ def dequantized_weight(m: Model, s: Settings) -> int:
 
 
 def full_logits(m: Model, s: Settings, tokens: int) -> int:
-    """A causal-LM loss over the whole vocabulary (transformers' ForCausalLMLoss, as TRL's SFT and DPO
-    use). Peak in backward: the log-softmax saved for it, its incoming gradient and the gradient it
-    passes on (fp32), plus, below fp32, that gradient cast back to the logits' compute_dtype. The
-    logits themselves are freed once upcast (nothing saves them)."""
-    return tokens * m.vocab * (12 + (s.act_bytes if s.act_bytes < 4 else 0))
+    """A causal-LM loss over the whole vocabulary (transformers' ForCausalLMLoss, as the sft stage's
+    trainer computes it), at its peak in backward: the fp32 log-softmax saved for it, its incoming
+    gradient and the gradient it passes on (12 bytes per logit), plus, with fp32 logits, the logits
+    themselves, which the upcast does not copy. Measured: 14 bytes per logit in fp32 on CPU
+    (benchmarks/planner_accuracy.py), at most 12 in bf16 on an H200 (benchmarks/gpu_check.py)."""
+    return tokens * m.vocab * (14 if s.act_bytes == 4 else 12)
 
 
 def chunked_logits(m: Model, s: Settings, rows: int, chunk: int) -> int:
     """Log-probs and entropy computed `ppo.logit_chunk` rows at a time (losses.chunked_logprobs),
-    recomputed in backward: one chunk's fp32 logits, log-softmax and gradient at a time."""
-    return min(rows, chunk) * m.vocab * 4 * 3
+    recomputed chunk by chunk in backward: one chunk's fp32 logits, log-softmax and the entropy's
+    probabilities, with the gradients of the first two (5 x 4 bytes per logit; planner_accuracy.py)."""
+    return min(rows, chunk) * m.vocab * 4 * 5
 
 
 def kv_cache(m: Model, s: Settings, batch: int, tokens: int) -> int:
