@@ -1,10 +1,11 @@
-"""PEFT adapter folders read and checked without a model: `adapter_config.json` (its JSON and the
-types of the LoRA options), `adapter_model.safetensors` and the optional `head.safetensors`
-(complete files, floating point, finite). Every problem raises data.DataError naming the file,
-which the CLI prints without a traceback. models.load_adapter then checks that the tensors fit
-the base; `check()` is the part that runs before any model loads.
+"""PEFT adapter folders on disk: read and checked without a model (`adapter_config.json`, its JSON
+and the types of the LoRA options; `adapter_model.safetensors` and the optional `head.safetensors`,
+complete, floating point, finite), saved from and loaded into the shared base. Every problem
+raises data.DataError naming the file, which the CLI prints without a traceback. `check()` is the
+part that runs before any model loads; `load_adapter` then checks that the tensors fit the base.
+The adapters themselves (adding, copying, switching) stay in models.py.
 
-Reads a PEFT folder; writes nothing.
+Reads and writes PEFT folders (+ `head.safetensors`).
 
     python -c "from cai_lite import adapter_files; print(adapter_files.check('runs/tiny/sft/adapter'))"
 """
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from cai_lite import models
 from cai_lite.data import DataError
 
 
@@ -75,7 +77,7 @@ def read_tensors(path: Path, header_only: bool = False) -> dict[str, torch.Tenso
 
 def check(folder: str | Path) -> list[str]:
     """Problems with a PEFT folder found without a model: its config, and the safetensors headers
-    (a truncated file fails here). Whether the tensors fit the base is known only in models.load_adapter."""
+    (a truncated file fails here). Whether the tensors fit the base is known only in load_adapter."""
     folder = Path(folder)
     try:
         read_config(folder)
@@ -85,3 +87,80 @@ def check(folder: str | Path) -> list[str]:
     except DataError as e:
         return [str(e)]
     return []
+
+
+def save_adapter(base: models.SharedBase, name: str, folder: str | Path) -> Path:
+    """Write `name` as a plain PEFT folder any PEFT user can load, plus `head.safetensors` if it has a head."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # PEFT's own key format (adapter name removed), so PeftModel.from_pretrained reads the folder.
+    state = {k: v.detach().contiguous().cpu() for k, v in models.lora_tensors(base, name)}
+    save_file(state, folder / "adapter_model.safetensors")
+    base.model.peft_config[name].save_pretrained(folder)
+    if name in base.heads:
+        save_file({k: v.detach().cpu() for k, v in base.heads[name].state_dict().items()}, folder / "head.safetensors")
+    return folder
+
+
+def load_adapter(base: models.SharedBase, name: str, folder: str | Path, replace: bool = False) -> None:
+    """Load a PEFT folder as `name` (frozen), with `head.safetensors` if there. Loading the folder an
+    adapter already came from is a no-op, so later stages in the same process don't load it twice.
+    A folder that is incomplete, unreadable or made for another base raises DataError naming the file,
+    and leaves the base as it was, but for the adapter `name` it replaces."""
+    folder = Path(folder)
+    config = read_config(folder)
+    if name in base.adapters and base.sources.get(name) == str(folder.resolve()) and not replace:
+        return
+    # Every file is read and checked before the base is touched.
+    saved = read_tensors(folder / "adapter_model.safetensors")
+    head = read_tensors(folder / "head.safetensors") if (folder / "head.safetensors").is_file() else None
+    if name in base.adapters:
+        models.delete_adapter(base, name)
+    # Not PEFT's load_adapter(): it takes a state dict of the whole model, which on CPU makes
+    # bitsandbytes repack the shared 4-bit weights (see models.lora_tensors). Add, then copy tensors in.
+    try:
+        models.add_adapter(base, name, config=config)
+    except (ValueError, TypeError, KeyError) as e:  # PEFT: target modules not in this model, bad options
+        if name in base.adapters:
+            models.delete_adapter(base, name)
+        raise DataError(f"{folder}/adapter_config.json: PEFT cannot add this adapter to the base "
+                        f"({type(e).__name__}: {e})") from None
+    if head is not None:
+        base.heads[name] = models.new_head(base)
+    try:
+        _copy_in(base, name, folder, saved, head)
+    except DataError:
+        models.delete_adapter(base, name)
+        raise
+    base.sources[name] = str(folder.resolve())
+    models.freeze(base, name)
+
+
+def fill_adapter(base: models.SharedBase, name: str, folder: str | Path) -> None:
+    """Copy a saved adapter folder's tensors (and head) into the existing adapter `name`, in place:
+    the Parameter objects stay the same, so an optimizer that holds them can resume training."""
+    folder = Path(folder)
+    saved = read_tensors(folder / "adapter_model.safetensors")
+    head = read_tensors(folder / "head.safetensors") if (folder / "head.safetensors").is_file() else None
+    _copy_in(base, name, folder, saved, head)
+
+
+def _copy_in(base: models.SharedBase, name: str, folder: Path, saved: dict, head: dict | None) -> None:
+    """Check that saved tensors fit adapter `name` (and its head), then copy them into it."""
+    mine = dict(models.lora_tensors(base, name))
+    missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+    problems = [f"missing {missing[:2]}, unexpected {extra[:2]}"] if missing or extra else []
+    problems += [f"{k} has shape {list(saved[k].shape)}, the base needs {list(t.shape)}"
+                 for k, t in mine.items() if k in saved and saved[k].shape != t.shape][:2]
+    if head is not None:
+        want = {"weight": [1, base.hidden_size], "bias": [1]}
+        got = {k: list(v.shape) for k, v in head.items()}
+        if got != want:
+            problems.append(f"{folder / 'head.safetensors'} holds {got}, the base needs {want}")
+    if problems:
+        raise DataError(f"{folder}: adapter does not fit this base ({'; '.join(problems)})")
+    with torch.no_grad():
+        for key, tensor in mine.items():
+            tensor.copy_(saved[key])
+    if head is not None:
+        base.heads[name].load_state_dict(head)  # in place: the head's Parameters stay the same objects

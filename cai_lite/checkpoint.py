@@ -7,7 +7,7 @@ is kept as `checkpoint.old/` for the instant between two renames), and deletes i
 has saved its adapter. It holds only what training changes:
   - `adapters/<name>/`: each trained adapter as a PEFT folder (+ `head.safetensors`), written from
     the parameters themselves: a state dict of the model would make bitsandbytes repack the 4-bit
-    base on CPU (see models._lora_tensors), and the base and the frozen adapters never change;
+    base on CPU (see models.lora_tensors), and the base and the frozen adapters never change;
   - `optimizer.pt`, `rng_state.pth` (python, numpy, torch and CUDA generators) and `state.json`
     (step, plus what the stage's own loop needs: its history, the KL coefficient, ...);
   - for TRL trainers also `scheduler.pt` and `trainer_state.json`, in the names and formats
@@ -33,7 +33,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import safe_globals
 
-from cai_lite import models
+from cai_lite import adapter_files
 from cai_lite.models import SharedBase
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def save(out: Path, base: SharedBase, adapters: list[str], optimizer: torch.opti
         shutil.rmtree(tmp)  # a save that was killed half-way
     tmp.mkdir(parents=True)
     for name in adapters:
-        models.save_adapter(base, name, tmp / "adapters" / name)
+        adapter_files.save_adapter(base, name, tmp / "adapters" / name)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available():
@@ -91,7 +91,7 @@ def restore(out: Path, base: SharedBase, adapters: list[str], optimizer: torch.o
     if ckpt is None:
         return None
     for name in adapters:
-        models.fill_adapter(base, name, ckpt / "adapters" / name)
+        adapter_files.fill_adapter(base, name, ckpt / "adapters" / name)
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=base.device, weights_only=True))
     with safe_globals():  # numpy's generator state is an array: allow just that in a weights-only load
         rng = torch.load(ckpt / "rng_state.pth", weights_only=True)
@@ -147,9 +147,9 @@ def train(trainer, base: SharedBase, adapter: str, out: Path):
         return trainer.train()
     log.info("resuming from the checkpoint at step %d (%s)", steps_done(ckpt), ckpt)
     # After the trainer is built: TRL's `ref` adapter is a copy of `default` as it was then (the SL-CAI model).
-    models.fill_adapter(base, adapter, ckpt / "adapters" / adapter)
+    adapter_files.fill_adapter(base, adapter, ckpt / "adapters" / adapter)
     # The weights are in place. Trainer would reload them with PEFT's load_adapter, which reads a state
-    # dict of the whole model (on CPU bitsandbytes then repacks the 4-bit base, see models._lora_tensors).
+    # dict of the whole model (on CPU bitsandbytes then repacks the 4-bit base, see models.lora_tensors).
     trainer._load_from_checkpoint = lambda *args, **kwargs: None
     return trainer.train(resume_from_checkpoint=str(ckpt))
 

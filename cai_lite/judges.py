@@ -111,7 +111,7 @@ class LocalJudge:
             # One adapter name per folder: judges from two folders must not overwrite each other's weights.
             name = jc.adapter if jc.adapter in ("sft", "critique") else \
                 "judge_" + hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:10]
-            models.load_adapter(base, name, folder)  # a no-op when that folder is already loaded
+            adapter_files.load_adapter(base, name, folder)  # a no-op when that folder is already loaded
             self.adapter = name
         self.cut_prompts = 0  # prompts longer than generation.max_prompt_tokens: recorded as failures
 

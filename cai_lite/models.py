@@ -1,8 +1,8 @@
 """The one frozen base model of a run, and the named LoRA adapters and scalar heads that share it.
 
-The only module that touches bitsandbytes or PEFT's adapter API. Reads the base model folder
-(safetensors only; remote code only if `base.trust_remote_code`), PEFT adapter folders and
-`head.safetensors`; writes adapters as plain PEFT folders with the head beside them.
+The only module that loads the base, touches bitsandbytes, or adds, copies and switches adapters
+(adapter_files.py saves and loads them as PEFT folders through the functions here). Reads the base
+model folder (safetensors only; remote code only if `base.trust_remote_code`); writes nothing.
 
 Roles (adapter names): `sft`, `policy`, `reference` (a frozen copy of `sft`), `reward` (+ head),
 `value` (+ head), `critique` (any PEFT folder). Switch only through `active_adapter()`,
@@ -25,12 +25,9 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from cai_lite import adapter_files
 from cai_lite.config import Config
-from cai_lite.data import DataError
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -176,16 +173,16 @@ def add_adapter(base: SharedBase, name: str, init_from: str | None = None, confi
         base.model = get_peft_model(base.model, config, adapter_name=name)
     if init_from is not None:
         with torch.no_grad():
-            for dst, src in zip(_lora_tensors(base, name), _lora_tensors(base, init_from)):
+            for dst, src in zip(lora_tensors(base, name), lora_tensors(base, init_from)):
                 dst[1].copy_(src[1])
         if init_from in base.heads:
-            base.heads[name] = _new_head(base)
+            base.heads[name] = new_head(base)
             base.heads[name].load_state_dict(base.heads[init_from].state_dict())
         base.sources[name] = f"copy of {init_from}"
     freeze(base, name)
 
 
-def _lora_tensors(base: SharedBase, name: str) -> list[tuple[str, torch.Tensor]]:
+def lora_tensors(base: SharedBase, name: str) -> list[tuple[str, torch.Tensor]]:
     """(PEFT key without the adapter name, tensor) of adapter `name`, in module order. From
     named_parameters, never state_dict(): on CPU, bitsandbytes repacks 4-bit weights for a state
     dict, which nudges every later output of the shared base."""
@@ -207,7 +204,7 @@ def delete_adapter(base: SharedBase, name: str) -> None:
     base.sources.pop(name, None)
 
 
-def _new_head(base: SharedBase) -> torch.nn.Linear:
+def new_head(base: SharedBase) -> torch.nn.Linear:
     # Zero init: training puts into the head only what separates the labelled pairs. A random head adds a
     # random function of the text that the pairwise loss never removes (it sees differences) and RL chases.
     head = torch.nn.Linear(base.hidden_size, 1, bias=True).to(base.device, torch.float32)
@@ -218,7 +215,7 @@ def _new_head(base: SharedBase) -> torch.nn.Linear:
 
 def add_head(base: SharedBase, name: str) -> None:
     """A scalar head (hidden -> 1, fp32) for the adapter of the same name: `reward` or `value`."""
-    base.heads[name] = _new_head(base)
+    base.heads[name] = new_head(base)
 
 
 def freeze(base: SharedBase, name: str) -> None:
@@ -235,83 +232,6 @@ def adapter_parameters(base: SharedBase, name: str) -> list[torch.nn.Parameter]:
     if name in base.heads:
         params += list(base.heads[name].parameters())
     return params
-
-
-def save_adapter(base: SharedBase, name: str, folder: str | Path) -> Path:
-    """Write `name` as a plain PEFT folder any PEFT user can load, plus `head.safetensors` if it has a head."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    # PEFT's own key format (adapter name removed), so PeftModel.from_pretrained reads the folder.
-    state = {k: v.detach().contiguous().cpu() for k, v in _lora_tensors(base, name)}
-    save_file(state, folder / "adapter_model.safetensors")
-    base.model.peft_config[name].save_pretrained(folder)
-    if name in base.heads:
-        save_file({k: v.detach().cpu() for k, v in base.heads[name].state_dict().items()}, folder / "head.safetensors")
-    return folder
-
-
-def load_adapter(base: SharedBase, name: str, folder: str | Path, replace: bool = False) -> None:
-    """Load a PEFT folder as `name` (frozen), with `head.safetensors` if there. Loading the folder an
-    adapter already came from is a no-op, so later stages in the same process don't load it twice.
-    A folder that is incomplete, unreadable or made for another base raises DataError naming the file,
-    and leaves the base as it was, but for the adapter `name` it replaces."""
-    folder = Path(folder)
-    config = adapter_files.read_config(folder)
-    if name in base.adapters and base.sources.get(name) == str(folder.resolve()) and not replace:
-        return
-    # Every file is read and checked before the base is touched.
-    saved = adapter_files.read_tensors(folder / "adapter_model.safetensors")
-    head = adapter_files.read_tensors(folder / "head.safetensors") if (folder / "head.safetensors").is_file() else None
-    if name in base.adapters:
-        delete_adapter(base, name)
-    # Not PEFT's load_adapter(): it takes a state dict of the whole model, which on CPU makes
-    # bitsandbytes repack the shared 4-bit weights (see _lora_tensors). Add, then copy tensors in.
-    try:
-        add_adapter(base, name, config=config)
-    except (ValueError, TypeError, KeyError) as e:  # PEFT: target modules not in this model, bad options
-        if name in base.adapters:
-            delete_adapter(base, name)
-        raise DataError(f"{folder}/adapter_config.json: PEFT cannot add this adapter to the base "
-                        f"({type(e).__name__}: {e})") from None
-    if head is not None:
-        base.heads[name] = _new_head(base)
-    try:
-        _copy_in(base, name, folder, saved, head)
-    except DataError:
-        delete_adapter(base, name)
-        raise
-    base.sources[name] = str(folder.resolve())
-    freeze(base, name)
-
-
-def fill_adapter(base: SharedBase, name: str, folder: str | Path) -> None:
-    """Copy a saved adapter folder's tensors (and head) into the existing adapter `name`, in place:
-    the Parameter objects stay the same, so an optimizer that holds them can resume training."""
-    folder = Path(folder)
-    saved = adapter_files.read_tensors(folder / "adapter_model.safetensors")
-    head = adapter_files.read_tensors(folder / "head.safetensors") if (folder / "head.safetensors").is_file() else None
-    _copy_in(base, name, folder, saved, head)
-
-
-def _copy_in(base: SharedBase, name: str, folder: Path, saved: dict, head: dict | None) -> None:
-    """Check that saved tensors fit adapter `name` (and its head), then copy them into it."""
-    mine = dict(_lora_tensors(base, name))
-    missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
-    problems = [f"missing {missing[:2]}, unexpected {extra[:2]}"] if missing or extra else []
-    problems += [f"{k} has shape {list(saved[k].shape)}, the base needs {list(t.shape)}"
-                 for k, t in mine.items() if k in saved and saved[k].shape != t.shape][:2]
-    if head is not None:
-        want = {"weight": [1, base.hidden_size], "bias": [1]}
-        got = {k: list(v.shape) for k, v in head.items()}
-        if got != want:
-            problems.append(f"{folder / 'head.safetensors'} holds {got}, the base needs {want}")
-    if problems:
-        raise DataError(f"{folder}: adapter does not fit this base ({'; '.join(problems)})")
-    with torch.no_grad():
-        for key, tensor in mine.items():
-            tensor.copy_(saved[key])
-    if head is not None:
-        base.heads[name].load_state_dict(head)  # in place: the head's Parameters stay the same objects
 
 
 def _index(model: PeftModel) -> tuple[list[BaseTunerLayer], list[tuple[str, torch.nn.Parameter]]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cai_lite import data, generation, losses, models, rundir
+from cai_lite import adapter_files, data, generation, losses, models, rundir
 from cai_lite.models import SharedBase
 
 
@@ -184,6 +184,6 @@ def load_reward_stats(run_dir: Path) -> dict:
 
 def load_roles(base: SharedBase, run_dir: Path) -> None:
     """Load what RL needs onto the base: `sft`, its frozen copy `reference`, and `reward` (+ head)."""
-    models.load_adapter(base, "sft", rundir.adapter_dir(run_dir, "sft"))
-    models.load_adapter(base, "reward", rundir.adapter_dir(run_dir, "reward_model"))
+    adapter_files.load_adapter(base, "sft", rundir.adapter_dir(run_dir, "sft"))
+    adapter_files.load_adapter(base, "reward", rundir.adapter_dir(run_dir, "reward_model"))
     models.copy_adapter(base, "sft", "reference")  # the KL anchor is the SL-CAI model, not the bare base

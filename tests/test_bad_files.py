@@ -98,7 +98,7 @@ def good_adapter(nf4_base, tmp_path_factory) -> Path:
     with torch.no_grad():
         for p in models.adapter_parameters(nf4_base, "saved"):
             p.normal_(0, 0.1)  # the LoRA B matrix starts at zero: a copy error would not show
-    folder = models.save_adapter(nf4_base, "saved", tmp_path_factory.mktemp("adapter") / "good")
+    folder = adapter_files.save_adapter(nf4_base, "saved", tmp_path_factory.mktemp("adapter") / "good")
     models.delete_adapter(nf4_base, "saved")
     return folder
 
@@ -120,18 +120,18 @@ def test_bad_adapter_folder(case, damage, names, before_model, nf4_base, good_ad
         assert len(found) == 1 and str(folder / names) in found[0], found
     adapters = list(nf4_base.adapters)
     with pytest.raises(DataError) as e:
-        models.load_adapter(nf4_base, "judge_x", folder)
+        adapter_files.load_adapter(nf4_base, "judge_x", folder)
     assert str(folder / names) in str(e.value), str(e.value)
     assert nf4_base.adapters == adapters and "judge_x" not in nf4_base.heads  # nothing half-loaded is left
-    models.load_adapter(nf4_base, "judge_x", good_adapter)  # the name is free for a good folder
+    adapter_files.load_adapter(nf4_base, "judge_x", good_adapter)  # the name is free for a good folder
     models.delete_adapter(nf4_base, "judge_x")
 
 
 def test_good_adapter_passes_every_check(nf4_base, good_adapter):
     assert adapter_files.check(good_adapter) == []
-    models.load_adapter(nf4_base, "judge_y", good_adapter)
+    adapter_files.load_adapter(nf4_base, "judge_y", good_adapter)
     want = load_file(good_adapter / "adapter_model.safetensors")
-    assert all(torch.equal(t, want[k]) for k, t in models._lora_tensors(nf4_base, "judge_y"))
+    assert all(torch.equal(t, want[k]) for k, t in models.lora_tensors(nf4_base, "judge_y"))
     models.delete_adapter(nf4_base, "judge_y")
 
 

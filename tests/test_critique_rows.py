@@ -124,7 +124,7 @@ def test_run_wires_adapters_shards_and_counts(tmp_path, monkeypatch, policy, cri
                        "constitution=harmless"])
     base = SimpleNamespace(tokenizer=Tok())
     loaded, seen = [], []
-    monkeypatch.setattr(CR.models, "load_adapter", lambda b, name, path, replace=False: loaded.append(
+    monkeypatch.setattr(CR.adapter_files, "load_adapter", lambda b, name, path, replace=False: loaded.append(
         (b is base, name, path, replace)))
 
     def shard_rows(c, b, const, shard, pol, crit, patterns):

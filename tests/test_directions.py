@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cai_lite import constitution as C
+from cai_lite import adapter_files, constitution as C
 from cai_lite import data, losses, models, rollout, voting
 from cai_lite.recipe import load_config
 from cai_lite.stages import evaluate, ppo, reward_model
@@ -304,7 +304,8 @@ def test_reward_model_run_learns_the_labels_and_records_stats(tmp_path, monkeypa
     calls = []
     base = SimpleNamespace(adapters=["reward"], sources={})
     for name in ("delete_adapter", "add_adapter", "add_head", "freeze", "save_adapter"):
-        monkeypatch.setattr(models, name, lambda b, n, *a, _name=name: calls.append((_name, n)))
+        owner = adapter_files if name == "save_adapter" else models
+        monkeypatch.setattr(owner, name, lambda b, n, *a, _name=name: calls.append((_name, n)))
     monkeypatch.setattr(models, "adapter_parameters", lambda b, n: [w])
     monkeypatch.setattr(models, "role", lambda b, n, trainable=False: contextlib.nullcontext(torch.nn.Module()))
     monkeypatch.setattr(models, "memory_account", lambda b: {"adapter_bytes": {"reward": 11}, "head_bytes": {"reward": 3}})

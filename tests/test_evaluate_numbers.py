@@ -92,7 +92,7 @@ def test_every_number_follows_the_strict_judge(tmp_path, monkeypatch):
     (cfg.path / "reward_model").mkdir(parents=True)
     (cfg.path / "reward_model" / "stage.json").write_text("{}")
     loaded, scored = [], []
-    monkeypatch.setattr(evaluate.models, "load_adapter", lambda base, name, path: loaded.append((base, name, path)))
+    monkeypatch.setattr(evaluate.adapter_files, "load_adapter", lambda base, name, path: loaded.append((base, name, path)))
 
     def score(base, prompts, texts, batch_size, max_tokens):
         scored.append((base, prompts, texts, batch_size, max_tokens))

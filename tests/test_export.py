@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from cai_lite import models
+from cai_lite import adapter_files, models
 from cai_lite.judges import load_gguf
 from cai_lite.stages import export
 
@@ -29,7 +29,7 @@ def test_export_merges_the_adapter_and_writes_a_gguf(tmp_path, sharp_llama):
         for n, p in base.model.named_parameters():
             if ".sft." in n and "lora_B" in n:
                 p.normal_(0, 0.05)  # LoRA B starts at zero; make the adapter matter
-    models.save_adapter(base, "sft", cfg.path / "sft" / "adapter")
+    adapter_files.save_adapter(base, "sft", cfg.path / "sft" / "adapter")
     (cfg.path / "sft" / "stage.json").write_text("{}")
     assert export.check(cfg) == []
     (cfg.path / "export").mkdir()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from cai_lite import data, generation, models, rollout
+from cai_lite import adapter_files, data, generation, models, rollout
 from cai_lite.stages import sft
 
 from conftest import tiny_config
@@ -176,7 +176,7 @@ def test_reward_stats_and_roles_come_from_the_run_dir(tmp_path, monkeypatch):
     (tmp_path / "reward_model" / "reward_stats.json").write_text(json.dumps({"mean": 1.5, "std": 0.25}))
     assert rollout.load_reward_stats(tmp_path) == {"mean": 1.5, "std": 0.25}
     calls = []
-    monkeypatch.setattr(models, "load_adapter", lambda b, name, folder: calls.append(("load", name, folder)))
+    monkeypatch.setattr(adapter_files, "load_adapter", lambda b, name, folder: calls.append(("load", name, folder)))
     monkeypatch.setattr(models, "copy_adapter", lambda b, src, dst: calls.append(("copy", src, dst)))
     rollout.load_roles(None, tmp_path)
     assert calls == [("load", "sft", tmp_path / "sft" / "adapter"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from cai_lite import models, rollout
+from cai_lite import adapter_files, models, rollout
 from cai_lite.data import DataError
 
 from conftest import tiny_config
@@ -149,9 +149,9 @@ def test_save_and_load_round_trip(base3, tmp_path):
     with models.role(base3, "reward") as model:
         before = _logits(model, batch)
         score = rollout.sequence_scores(base3, "reward", batch["input_ids"], batch["attention_mask"])
-    folder = models.save_adapter(base3, "reward", tmp_path / "reward")
+    folder = adapter_files.save_adapter(base3, "reward", tmp_path / "reward")
     assert (folder / "adapter_model.safetensors").is_file() and (folder / "head.safetensors").is_file()
-    models.load_adapter(base3, "reward_copy", folder)
+    adapter_files.load_adapter(base3, "reward_copy", folder)
     with models.role(base3, "reward_copy") as model:
         assert torch.allclose(_logits(model, batch), before, atol=1e-6)
         assert torch.allclose(rollout.sequence_scores(base3, "reward_copy", batch["input_ids"], batch["attention_mask"]),
@@ -159,7 +159,7 @@ def test_save_and_load_round_trip(base3, tmp_path):
     assert not any(p.requires_grad for p in models.adapter_parameters(base3, "reward_copy"))
     models.delete_adapter(base3, "reward_copy")
     with pytest.raises(DataError, match="not a PEFT adapter folder"):
-        models.load_adapter(base3, "x", tmp_path / "missing")
+        adapter_files.load_adapter(base3, "x", tmp_path / "missing")
 
 
 def test_lora_on_nf4_learns(tiny_llama, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cai_lite import data, losses, models, rollout
+from cai_lite import adapter_files, data, losses, models, rollout
 from cai_lite.recipe import load_config
 from cai_lite.stages import reward_model
 
@@ -49,7 +49,7 @@ def stage(tmp_path, monkeypatch):
         return f
 
     for name in ("delete_adapter", "add_adapter", "add_head", "freeze", "save_adapter"):
-        monkeypatch.setattr(models, name, record(name))
+        monkeypatch.setattr(adapter_files if name == "save_adapter" else models, name, record(name))
     monkeypatch.setattr(models, "adapter_parameters", lambda b, n: (b is BASE and n == "reward") and [w])
 
     @contextlib.contextmanager

@@ -20,7 +20,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from cai_lite import data, losses, models, rollout
+from cai_lite import adapter_files, data, losses, models, rollout
 from cai_lite.stages import dpo, ppo, reward_model, rloo
 
 from conftest import tiny_config
@@ -110,7 +110,7 @@ def rl(sharp_llama, tmp_path_factory):
     cfg = tiny_config(tmp_path_factory.mktemp("rl"), sharp_llama, *RL)
     base = models.load_base(cfg)
     models.add_adapter(base, "sft")
-    models.save_adapter(base, "sft", cfg.path / "sft" / "adapter")
+    adapter_files.save_adapter(base, "sft", cfg.path / "sft" / "adapter")
     base.sources["sft"] = str((cfg.path / "sft" / "adapter").resolve())
     tok = base.tokenizer
     prompts = [p.text for p in data.prompt_split(cfg).train]
@@ -175,7 +175,7 @@ def test_ppo_raises_reward_on_one_base(rl):
     assert not _params4bit() - n_params  # no role loaded a model of its own
     # The reference is still exactly the SL-CAI adapter.
     saved = load_file(cfg.path / "sft" / "adapter" / "adapter_model.safetensors")
-    ref = dict(models._lora_tensors(base, "reference"))
+    ref = dict(models.lora_tensors(base, "reference"))
     assert set(ref) == set(saved) and all(torch.equal(ref[k], saved[k]) for k in saved)
 
 
@@ -213,7 +213,7 @@ def test_dpo_raises_the_implicit_margin(rl):
     out = dpo.run(cfg, base, cfg.path / "dpo")
     assert out["margin_last"] > out["margin_first"] + 0.2, out
     # Check it independently: beta * [(log pi - log ref)(chosen) - (...)(rejected)] on the training pairs.
-    models.load_adapter(base, "dpo", cfg.path / "dpo" / "adapter")
+    adapter_files.load_adapter(base, "dpo", cfg.path / "dpo" / "adapter")
     rows = data.read_shards(cfg.path / "label_preferences")[:16]
 
     def logp(adapter, row, key):

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tok_models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from cai_lite import constitution as C
+from cai_lite import adapter_files, constitution as C
 from cai_lite import data, judges, losses, models, pipeline, rollout
 from cai_lite.config import JudgeConfig
 from cai_lite.recipe import load_config
@@ -86,8 +86,8 @@ def test_rloo_runs_without_dropout_and_gives_it_back(dropout_base):
     base, run = dropout_base, dropout_base.cfg.path
     models.add_adapter(base, "sft")
     _randomize(base, "sft", 1)
-    models.save_adapter(base, "sft", run / "sft" / "adapter")
-    models.save_adapter(base, "reward", run / "reward_model" / "adapter")
+    adapter_files.save_adapter(base, "sft", run / "sft" / "adapter")
+    adapter_files.save_adapter(base, "reward", run / "reward_model" / "adapter")
     (run / "reward_model" / "reward_stats.json").write_text('{"mean": 0.0, "std": 1.0}')
     (run / "rloo").mkdir()
     before = [(n, m.p) for n, m in base.model.named_modules() if isinstance(m, torch.nn.Dropout)]
@@ -110,7 +110,7 @@ def test_local_judges_from_two_folders_keep_their_own_weights(nf4_base, tmp_path
     for k in range(2):
         models.add_adapter(base, f"tmp{k}")
         _randomize(base, f"tmp{k}", seed=10 + k)
-        folders.append(models.save_adapter(base, f"tmp{k}", tmp_path / f"judge{k}"))
+        folders.append(adapter_files.save_adapter(base, f"tmp{k}", tmp_path / f"judge{k}"))
     prompts = [judges.ChoicePrompt(C.comparison_messages("Human: hi", "Which is kinder?", a, b), C.COMPARISON_PREFILL)
                for a, b in [("Hello!", "Go away."), ("No.", "Sure, happy to help.")]]
     first = judges.LocalJudge(base, JudgeConfig(adapter=str(folders[0])), base.cfg.generation, folders[0])

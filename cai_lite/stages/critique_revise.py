@@ -26,7 +26,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from cai_lite import constitution as C
-from cai_lite import data, generation, models, rundir
+from cai_lite import adapter_files, data, generation, rundir
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -80,11 +80,11 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     helpful = data.read_optional(cr.helpful_prompts, cr.helpful_limit, cfg.data.max_prompt_chars)
     policy = None
     if cr.policy_adapter:
-        models.load_adapter(base, "policy", cr.policy_adapter, replace=True)
+        adapter_files.load_adapter(base, "policy", cr.policy_adapter, replace=True)
         policy = "policy"
     critic = policy
     if cr.critic_adapter:
-        models.load_adapter(base, "critique", cr.critic_adapter, replace=True)
+        adapter_files.load_adapter(base, "critique", cr.critic_adapter, replace=True)
         critic = "critique"  # the swappable critique adapter writes critiques and revisions
     patterns = [re.compile(p, re.IGNORECASE) for p in cr.cleanup_patterns]
     items = [("harmless", p) for p in split.train] + [("helpful", p) for p in helpful]

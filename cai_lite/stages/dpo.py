@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import DPOConfig, DPOTrainer
 
-from cai_lite import checkpoint, data, models, rundir
+from cai_lite import adapter_files, checkpoint, data, models, rundir
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -57,7 +57,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     if not rows:
         raise data.DataError(f"{rundir.stage_dir(cfg.path, 'label_preferences')}: no pairs left after dpo.min_confidence={dc.min_confidence}")
     eps = sum(1 - max(p, 1 - p) for p in ps) / len(ps) if dc.label_smoothing == "soft" else 0.0
-    models.load_adapter(base, "sft", rundir.adapter_dir(cfg.path, "sft"))
+    adapter_files.load_adapter(base, "sft", rundir.adapter_dir(cfg.path, "sft"))
     args = DPOConfig(
         **trl_args(cfg, base.device.type, out),
         per_device_train_batch_size=dc.batch_size,
@@ -80,7 +80,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
                                                             lambda h, i: h if "rewards/margins" in h else None),
                                         checkpoint.TrainerCheckpoints(out, base, "default", dc.save_every)])
         checkpoint.train(trainer, base, "default", out)
-        models.save_adapter(base, "default", out / "adapter")
+        adapter_files.save_adapter(base, "default", out / "adapter")
     checkpoint.done(out)
     history = [h for h in trainer.state.log_history if "rewards/margins" in h]
     margins = [h["rewards/margins"] for h in history]

@@ -27,7 +27,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from cai_lite import constitution as C
-from cai_lite import data, generation, judges, models, paper_evals, ratings, report, rollout, rundir, voting
+from cai_lite import adapter_files, data, generation, judges, paper_evals, ratings, report, rollout, rundir, voting
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -120,7 +120,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     present: dict[str, str | None] = {"base": None}
     for stage in CANDIDATES:
         if rundir.is_done(cfg.path, stage):
-            models.load_adapter(base, stage, rundir.adapter_dir(cfg.path, stage))
+            adapter_files.load_adapter(base, stage, rundir.adapter_dir(cfg.path, stage))
             present[stage] = stage
     responses = _responses(cfg, base, present, red, helpful)
     with (out / "responses.jsonl").open("w", encoding="utf-8") as f:
@@ -217,7 +217,7 @@ def _judge_everything(cfg: Config, base: SharedBase, const: C.Constitution, pane
     rates = {m: _rates(cfg, panel, tally, red, helpful, responses[m]) for m in tqdm(present, desc="evaluate: rates")}
     mean_reward = None
     if rundir.is_done(cfg.path, "reward_model"):
-        models.load_adapter(base, "reward", rundir.adapter_dir(cfg.path, "reward_model"))
+        adapter_files.load_adapter(base, "reward", rundir.adapter_dir(cfg.path, "reward_model"))
         mean_reward = {m: rollout.score(base, [p.text for p in red + helpful],
                                         responses[m]["red_team"] + responses[m]["helpful"], cfg.generation.batch_size,
                                         cfg.generation.max_prompt_tokens + cfg.evaluate.max_new_tokens).mean().item()
@@ -267,7 +267,7 @@ def _paper_evals(cfg: Config, base: SharedBase, panel: list) -> dict:
         out[name] = {"judges": {j.name: paper_evals.judge_accuracy(j, items) for j in panel},
                      "always_A": paper_evals.share_of_letter(items, "A")}
         if name == "hhh" and rundir.is_done(cfg.path, "reward_model"):
-            models.load_adapter(base, "reward", rundir.adapter_dir(cfg.path, "reward_model"))
+            adapter_files.load_adapter(base, "reward", rundir.adapter_dir(cfg.path, "reward_model"))
             out[name]["reward_model"] = paper_evals.reward_accuracy(base, items, cfg.generation.batch_size,
                                                                     cfg.generation.max_prompt_tokens)
     return out

@@ -30,7 +30,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from cai_lite import constitution as C
-from cai_lite import data, generation, judges, models, rundir, voting
+from cai_lite import adapter_files, data, generation, judges, rundir, voting
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -68,7 +68,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     prompts = prompts[: lp.max_prompts] if lp.max_prompts else prompts
     helpful = data.read_optional(lp.helpful_prompts, lp.helpful_limit, cfg.data.max_prompt_chars)
     items = [("harmless", p) for p in prompts] + [("helpful", p) for p in helpful]
-    models.load_adapter(base, "sft", rundir.adapter_dir(cfg.path, "sft"))
+    adapter_files.load_adapter(base, "sft", rundir.adapter_dir(cfg.path, "sft"))
     panel = judges.build(cfg, base)
     seconds = {j.name: 0.0 for j in panel}
     tally: dict[str, list[int]] = {}  # failed and total answers of this run, per judge

@@ -30,7 +30,7 @@ import transformers
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from cai_lite import checkpoint, data, losses, models, rollout, rundir
+from cai_lite import adapter_files, checkpoint, data, losses, models, rollout, rundir
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -118,7 +118,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
                 checkpoint.save(out, base, ["policy", "value"], opt,
                                 {"step": step + 1, "history": history, "kl_coef": kl_ctl.coef})
     writer.close()
-    models.save_adapter(base, "policy", out / "adapter")
+    adapter_files.save_adapter(base, "policy", out / "adapter")
     checkpoint.done(out)
     k = max(1, min(3, len(history) // 3))
     first = sum(h["reward"] for h in history[:k]) / k

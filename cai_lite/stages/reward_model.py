@@ -22,7 +22,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from cai_lite import checkpoint, data, generation, losses, models, rollout, rundir
+from cai_lite import adapter_files, checkpoint, data, generation, losses, models, rollout, rundir
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -124,7 +124,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     scores = rollout.score(base, [r["prompt"][-1]["content"] for r in train for _ in (0, 1)],
                            [r[k] for r in train for k in ("response_a", "response_b")], rm.batch_size, rm.max_seq_len)
     stats = {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 1.0}
-    models.save_adapter(base, "reward", out / "adapter")
+    adapter_files.save_adapter(base, "reward", out / "adapter")
     checkpoint.done(out)
     base.sources["reward"] = str((out / "adapter").resolve())
     (out / "reward_stats.json").write_text(json.dumps(stats) + "\n")

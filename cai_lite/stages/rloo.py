@@ -28,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import RLOOConfig, RLOOTrainer
 
-from cai_lite import checkpoint, data, models, rollout, rundir
+from cai_lite import adapter_files, checkpoint, data, models, rollout, rundir
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -99,7 +99,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
                                          checkpoint.TrainerCheckpoints(out, base, "default", rc.save_every,
                                                                        lambda: {"raw_means": raw_means})])
         checkpoint.train(trainer, base, "default", out)
-        models.save_adapter(base, "default", out / "adapter")
+        adapter_files.save_adapter(base, "default", out / "adapter")
     checkpoint.done(out)
     history = [h for h in trainer.state.log_history if "reward" in h]
     k = max(1, min(3, len(raw_means) // 3))

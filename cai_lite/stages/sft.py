@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig, SFTTrainer
 
-from cai_lite import checkpoint, data, models, rundir
+from cai_lite import adapter_files, checkpoint, data, models, rundir
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -89,7 +89,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         trainer._total_train_tokens = int(tokens_before)  # TRL counts tokens outside the state a resume restores
         result = checkpoint.train(trainer, base, "sft", out)
     base.model.eval()
-    models.save_adapter(base, "sft", out / "adapter")
+    adapter_files.save_adapter(base, "sft", out / "adapter")
     checkpoint.done(out)
     base.sources["sft"] = str((out / "adapter").resolve())
     history = trainer.state.log_history
