@@ -8,6 +8,9 @@ and random weights in a configured shape.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from cai_lite import cli, models, planner
 from cai_lite.recipe import load_config
 from cai_lite.tiny import build_shape_folder
 
+ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 
@@ -104,3 +108,17 @@ def test_random_init_builds_the_configured_shape(tmp_path):
     assert torch.equal(inner.embed_tokens.weight, same) and not torch.equal(same, other)
     ids = base.tokenizer("w1 w2 w3", return_tensors="pt")["input_ids"]
     assert ids.shape == (1, 3) and base.model(input_ids=ids).logits.shape == (1, 3, 1024)
+
+
+def test_gpu_check_runs_its_steps_on_a_tiny_shape(tmp_path):
+    """benchmarks/gpu_check.py --tiny: the GPU check's code path (random init, sft, the ppo stage's
+    step on one base and on four) on CPU, so the script a GPU session runs once cannot rot."""
+    out = tmp_path / "gc.jsonl"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--shapes", "mistral-7b",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for step in ("sft", "ppo_shared", "ppo_one_chunk", "ppo_separate"):
+        assert isinstance(res[step], dict) and res[step]["tokens_per_s"] > 0, (step, res[step])
+        assert res["planner_gb"][step] > 0
+    assert res["ppo_shared"]["seconds"] > 0 and "ppo_separate" in p.stdout
