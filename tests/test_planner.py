@@ -122,3 +122,17 @@ def test_gpu_check_runs_its_steps_on_a_tiny_shape(tmp_path):
         assert isinstance(res[step], dict) and res[step]["tokens_per_s"] > 0, (step, res[step])
         assert res["planner_gb"][step] > 0
     assert res["ppo_shared"]["seconds"] > 0 and "ppo_separate" in p.stdout
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_frozen_weights_are_all_bf16_or_all_fp32_and_the_model_runs(tmp_path, upcast):
+    """The H200 run's bug: fp32 norms fed fp32 hidden states to a bf16 LM head. Either every unquantized
+    frozen weight stays in base.dtype or (base.upcast_frozen) every one is fp32; both must run."""
+    folder = build_shape_folder(tmp_path / "m", {**SMALL, "hidden_size": 128, "intermediate_size": 256})
+    cfg = load_config(["recipe=tiny_cpu", f"base.model={folder}", "base.init=random", "base.dtype=bfloat16",
+                       "base.compute_dtype=bfloat16", f"base.upcast_frozen={str(upcast).lower()}"])
+    base = models.load_base(cfg)
+    kinds = {p.dtype for p in base.model.parameters() if type(p).__name__ != "Params4bit"}
+    assert kinds == ({torch.float32} if upcast else {torch.bfloat16})
+    ids = base.tokenizer("w1 w2 w3", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(base.model(input_ids=ids).logits).all()
