@@ -149,55 +149,78 @@ class LocalJudge:
         pass
 
 
-def load_gguf(path: str, **kwargs):
-    """`llama_cpp.Llama` on a GGUF file, with llama.cpp's extra CPU buffer types off.
+def load_gguf(path: str, seqs: int = 1, **kwargs):
+    """`llama_cpp.Llama` on a GGUF file, with llama.cpp's extra CPU buffer types off and, for
+    `seqs` > 1, a context for that many sequences in one unified KV cache (llamacpp_batch.py).
 
-    Those repack quantized weights for the AMX and AVX512 kernels; on CPUs with AMX (Xeon Sapphire
-    Rapids and later) llama.cpp's AMX matmul segfaults on q8_0 weights (seen on this project's CI
-    machines; llama.cpp issue 20824), and the plain kernels compute the same thing. llama-cpp-python
-    has no argument for `use_extra_bufts`, so its default model parameters are swapped for the load."""
+    The extra buffer types repack quantized weights for the AMX and AVX512 kernels; on CPUs with AMX
+    (Xeon Sapphire Rapids and later) llama.cpp's AMX matmul segfaults on q8_0 weights (seen on this
+    project's CI machines; llama.cpp issue 20824), and the plain kernels compute the same thing.
+    llama-cpp-python has no argument for `use_extra_bufts`, `n_seq_max` or `kv_unified`, so its
+    default model and context parameters are swapped for the load."""
     import llama_cpp
 
-    default = llama_cpp.llama_cpp.llama_model_default_params
+    lib = llama_cpp.llama_cpp
+    default_model, default_context = lib.llama_model_default_params, lib.llama_context_default_params
 
-    def params():
-        p = default()
+    def model_params():
+        p = default_model()
         p.use_extra_bufts = False
         return p
 
-    llama_cpp.llama_cpp.llama_model_default_params = params
+    def context_params():
+        p = default_context()
+        if seqs > 1:
+            p.n_seq_max, p.kv_unified = seqs, True  # unified: sequences share the cells of common prefixes
+        return p
+
+    lib.llama_model_default_params, lib.llama_context_default_params = model_params, context_params
     try:
         return llama_cpp.Llama(model_path=path, **kwargs)
     finally:
-        llama_cpp.llama_cpp.llama_model_default_params = default
+        lib.llama_model_default_params, lib.llama_context_default_params = default_model, default_context
+
+
+# Sequences of the judge's llama.cpp context: 0 holds the shared prefix, the others one prompt of a
+# wave each. 64 covers 15 comparisons x 2 principles x 2 orders; judge.n_ctx usually binds first.
+JUDGE_SEQS = 64
 
 
 class LlamaCppJudge:
-    """A GGUF model in llama.cpp on CPU: the cheap voter. Prompts are evaluated one at a time in the
-    order given, and each reuses the KV cache of its common token prefix with the previous one."""
+    """A GGUF model in llama.cpp on CPU: the cheap voter. Prompts go in waves (in the order given)
+    that fit judge.n_ctx KV cells; each wave is one prefix tree decoded in one multi-sequence batch,
+    and the wave's common prefix stays cached for the next (llamacpp_batch.py)."""
 
     def __init__(self, jc: JudgeConfig, render_fallback):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        from cai_lite.llamacpp_batch import PrefixDecoder
+
         if not Path(jc.gguf_path).is_file():
             raise JudgeError(f"judge.gguf_path: {jc.gguf_path!r}: file not found")
-        # logits_all=False: llama.cpp then keeps logits for the last position only, not n_ctx x n_vocab floats.
+        # logits_all=False: llama.cpp then keeps logits for the requested positions only, not n_ctx x n_vocab floats.
         try:
-            self.llm = load_gguf(jc.gguf_path, n_ctx=jc.n_ctx, n_threads=jc.n_threads, logits_all=False,
-                                 verbose=False, seed=0)
+            self.llm = load_gguf(jc.gguf_path, JUDGE_SEQS, n_ctx=jc.n_ctx, n_threads=jc.n_threads,
+                                 n_threads_batch=jc.n_threads, logits_all=False, verbose=False, seed=0)
         except ValueError as e:  # llama.cpp returned NULL and says only "Failed to load model": find out why
             why = gguf_problems(jc.gguf_path) or [f"{jc.gguf_path}: llama.cpp cannot load it ({e}); is it a "
                                                   "GGUF file of a model architecture llama.cpp supports?"]
             raise JudgeError(f"judge.gguf_path: {why[0]}") from None
         self.name = f"llamacpp:{Path(jc.gguf_path).name}"
         self.hard_labels = 0
-        self.evaluated_tokens = 0  # tokens actually run through the model (prefix reuse saves the rest)
         template = self.llm.metadata.get("tokenizer.chat_template")
         eos = self.llm.detokenize([self.llm.token_eos()], special=True).decode("utf-8", "replace")
         self._format = Jinja2ChatFormatter(template, eos_token=eos, bos_token="") if template else None
         self._render_fallback = render_fallback
         self._add_bos = self.llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
-        self.reuse_prefix = True
+        self._decoder = PrefixDecoder(self.llm.ctx, self.llm.n_vocab(), self.llm.n_batch, JUDGE_SEQS)
+        self.reuse_prefix = True  # False: every prompt from scratch (the benchmark's baseline)
+        self.wave_prompts = JUDGE_SEQS - 1  # 1: one prompt at a time, each reusing the previous one's prefix
+
+    @property
+    def evaluated_tokens(self) -> int:
+        """Tokens actually run through the model (prefix sharing and reuse save the rest)."""
+        return self._decoder.evaluated_tokens
 
     def _render(self, p: ChoicePrompt) -> str:
         # The GGUF's own chat template, so a judge model other than the base is prompted in its format.
@@ -205,42 +228,37 @@ class LlamaCppJudge:
             return self._render_fallback(p.messages, p.prefill)
         return self._format(messages=p.messages).prompt + p.prefill
 
-    def _last_logits(self, tokens: list[int]) -> np.ndarray:
-        import llama_cpp
-
-        keep = 0
-        if self.reuse_prefix:
-            cached = self.llm.input_ids[: self.llm.n_tokens]
-            limit = min(len(cached), len(tokens) - 1)  # evaluate at least one token to get fresh logits
-            while keep < limit and cached[keep] == tokens[keep]:
-                keep += 1
-        self.llm.n_tokens = keep  # eval() drops the KV cache beyond this point before decoding
-        self.llm.eval(tokens[keep:])
-        self.evaluated_tokens += len(tokens) - keep
-        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype(np.float64)
-
     def _encode(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
     def option_probs(self, prompts: list[ChoicePrompt], letters: str) -> list[list[float] | None]:
+        from cai_lite.llamacpp_batch import waves
+
         by_prefill = {p.prefill: letter_ids(self._encode, p.prefill, letters) for p in prompts}
-        out: list[list[float] | None] = []
-        for p in prompts:
-            ids = by_prefill[p.prefill]
-            tokens = self.llm.tokenize(self._render(p).encode("utf-8"), add_bos=self._add_bos, special=True)
-            if len(tokens) >= self.llm.n_ctx():
-                log.warning("%s: prompt of %d tokens exceeds judge.n_ctx=%d; recorded as a failure",
-                            self.name, len(tokens), self.llm.n_ctx())
-                out.append(None)
-                continue
-            logits = self._last_logits(tokens)
-            x = logits[ids] - logits[ids].max()
-            probs = np.exp(x) / np.exp(x).sum()  # softmax over the letters = normalised P(letter)
-            out.append(probs.tolist() if np.isfinite(probs).all() else None)
+        n_ctx = self.llm.n_ctx()
+        tokens = [self.llm.tokenize(self._render(p).encode("utf-8"), add_bos=self._add_bos, special=True)
+                  for p in prompts]
+        fits = [i for i, t in enumerate(tokens) if len(t) < n_ctx]
+        if len(fits) < len(prompts):
+            log.warning("%s: %d prompt(s) of %s tokens exceed judge.n_ctx=%d; recorded as failures", self.name,
+                        len(prompts) - len(fits), sorted(len(t) for t in tokens if len(t) >= n_ctx), n_ctx)
+        out: list[list[float] | None] = [None] * len(prompts)
+        per_wave = self.wave_prompts if self.reuse_prefix else 1  # no reuse: no sharing within a wave either
+        for wave in waves([tokens[i] for i in fits], n_ctx, per_wave):
+            members = [fits[w] for w in wave]
+            rows = self._decoder.wave([tokens[i] for i in members], self.reuse_prefix)
+            for i, logits in zip(members, rows):
+                ids = by_prefill[prompts[i].prefill]
+                x = logits[ids].astype(np.float64)
+                x -= x.max()
+                probs = np.exp(x) / np.exp(x).sum()  # softmax over the letters = normalised P(letter)
+                out[i] = probs.tolist() if np.isfinite(probs).all() else None
         return out
 
     def generate(self, prompts: list[ChoicePrompt], max_new_tokens: int) -> list[str | None]:
+        # Llama's own completion path tracks the cache as one sequence: hand it an empty cache.
+        self._decoder.forget()
+        self.llm.n_tokens = 0
         out = []
         for p in prompts:
             res = self.llm.create_completion(self._render(p), max_tokens=max_new_tokens, temperature=0.0)
@@ -248,6 +266,7 @@ class LlamaCppJudge:
         return out
 
     def close(self) -> None:
+        self._decoder.close()
         self.llm.close()  # explicit: its destructor can raise at interpreter exit
 
 

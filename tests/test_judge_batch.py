@@ -1,0 +1,114 @@
+"""The llama.cpp judge's batched decode (llamacpp_batch.py): many prompts as one prefix tree in a
+multi-sequence batch give the same letter probabilities as one prompt at a time.
+
+    python -m pytest tests/test_judge_batch.py -q
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cai_lite import constitution as C
+from cai_lite import data, judges, models
+from cai_lite.config import JudgeConfig
+from cai_lite.gguf_export import export_gguf
+from cai_lite.llamacpp_batch import waves
+
+from conftest import tiny_config
+
+# Batched and one-at-a-time decodes round differently in llama.cpp's f16 KV cache (which cells a
+# query meets in the same call, in which order): measured max |P difference| 7e-5 on this sharp
+# model (one at a time with reuse differs from a cold decode by 6e-5 too); with an f32 KV cache
+# both agree to 1e-6. The bugs this guards against (wrong logits row, a sequence missing its
+# prefix) move probabilities by > 1e-2.
+TOL = 3e-4
+N_CTX = 512  # small, so the prompts below need several waves and one of them does not fit at all
+PRINCIPLES = [C.PreferencePrinciple("p1", "Which response is more helpful and harmless?"),
+              C.PreferencePrinciple("p2", "Which response is less likely to cause harm?")]
+
+
+def _prompts() -> list[judges.ChoicePrompt]:
+    """compare()'s order: comparison, principle, order; conversations and answers of different lengths,
+    a comparison of two equal answers (identical prompts), and one conversation longer than N_CTX."""
+    pairs = [("Sure, here is how.", "No."), ("I can't help with that, but here is a safer idea. " * 3, "Do it."),
+             ("Same answer.", "Same answer."), ("Paris.", "The capital of France is Paris, on the Seine.")]
+    out = []
+    for i, (a, b) in enumerate(pairs):
+        conv = f"Human: question {i} about" + " locks and keys" * (3 * i)
+        if i == 1:
+            conv += " and doors" * 400  # far beyond N_CTX tokens
+        for pr in PRINCIPLES:
+            for x, y in ((a, b), (b, a)):
+                out.append(judges.ChoicePrompt(C.comparison_messages(conv, pr.text, x, y), C.COMPARISON_PREFILL))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cpp(sharp_llama, tmp_path_factory):
+    gguf = export_gguf(sharp_llama, tmp_path_factory.mktemp("gguf") / "sharp-f32.gguf", "f32")
+    base = models.load_base(tiny_config(tmp_path_factory.mktemp("run"), sharp_llama, "base.quantization=none"))
+    judge = judges.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(gguf), n_ctx=N_CTX),
+                                 lambda m, p: data.render(base.tokenizer, m, p))
+    yield judge
+    judge.close()
+
+
+def _close(a: list, b: list) -> bool:
+    """Equal answers: None in the same slots, probabilities within TOL elsewhere."""
+    return len(a) == len(b) and all((x is None) == (y is None) and (x is None or x == pytest.approx(y, abs=TOL))
+                                    for x, y in zip(a, b))
+
+
+def _fresh(judge, wave_prompts: int, prompts) -> tuple[list, int]:
+    """Probabilities with nothing cached beforehand, and the tokens this call evaluated."""
+    judge._decoder.forget()
+    judge.wave_prompts = wave_prompts
+    before = judge.evaluated_tokens
+    try:
+        return judge.option_probs(prompts, "AB"), judge.evaluated_tokens - before
+    finally:
+        judge.wave_prompts = judges.JUDGE_SEQS - 1
+
+
+def test_batched_judge_equals_one_prompt_at_a_time(cpp):
+    prompts = _prompts()
+    tokens = [cpp.llm.tokenize(cpp._render(p).encode(), add_bos=cpp._add_bos, special=True) for p in prompts]
+    fits = [t for t in tokens if len(t) < N_CTX]
+    assert len(fits) == len(prompts) - 4  # comparison 1: 2 principles x 2 orders too long
+    assert len(list(waves(fits, N_CTX, 63))) >= 2 and max(len(w) for w in waves(fits, N_CTX, 63)) >= 4
+
+    one, one_tokens = _fresh(cpp, 1, prompts)
+    many, many_tokens = _fresh(cpp, judges.JUDGE_SEQS - 1, prompts)
+    for i, (a, b) in enumerate(zip(one, many)):
+        if len(tokens[i]) >= N_CTX:
+            assert a is None and b is None, i  # a failure in its own slot, the others unaffected
+        else:
+            assert b == pytest.approx(a, abs=TOL), i
+    assert any(abs(p[0] - 0.5) > 0.05 for p in many if p), "the model has no preferences; the test would be vacuous"
+    assert many[8] == many[9]  # equal answers: identical prompts, one sequence
+    # The tree decodes each shared token once: never more than one at a time with prefix reuse.
+    assert many_tokens <= one_tokens
+
+    # Another order of the same prompts (other waves, other trees) gives each prompt the same answer.
+    order = list(range(len(prompts)))
+    random.Random(0).shuffle(order)
+    shuffled, _ = _fresh(cpp, judges.JUDGE_SEQS - 1, [prompts[i] for i in order])
+    assert _close(shuffled, [many[i] for i in order])
+
+
+def test_prefix_stays_cached_across_calls_and_generation(cpp):
+    prompts = [p for p in _prompts() if "doors" not in p.messages[-1]["content"]]
+    first, _ = _fresh(cpp, judges.JUDGE_SEQS - 1, prompts[:4])
+    before = cpp.evaluated_tokens
+    again = cpp.option_probs(prompts[:4], "AB")  # sequence 0 holds their common prefix
+    reused = cpp.evaluated_tokens - before
+    cpp.reuse_prefix = False
+    try:
+        cold, cold_tokens = _fresh(cpp, judges.JUDGE_SEQS - 1, prompts[:4])
+    finally:
+        cpp.reuse_prefix = True
+    assert reused < cold_tokens and _close(again, first) and _close(cold, first)
+    assert isinstance(cpp.generate(prompts[:1], 3)[0], str)  # Llama's own decoding, on a cleared cache
+    assert _close(cpp.option_probs(prompts[:4], "AB"), first)  # nothing stale after it
