@@ -9,21 +9,21 @@ from __future__ import annotations
 import random
 
 import pytest
+from transformers import AutoTokenizer
 
 from cai_lite import constitution as C
-from cai_lite import data, judges, models
+from cai_lite import data, judges
 from cai_lite.config import JudgeConfig
 from cai_lite.gguf_export import export_gguf
 from cai_lite.llamacpp_batch import waves
 
-from conftest import tiny_config
-
-# Batched and one-at-a-time decodes round differently in llama.cpp's f16 KV cache (which cells a
-# query meets in the same call, in which order): measured max |P difference| 7e-5 on this sharp
-# model (one at a time with reuse differs from a cold decode by 6e-5 too); with an f32 KV cache
-# both agree to 1e-6. The bugs this guards against (wrong logits row, a sequence missing its
-# prefix) move probabilities by > 1e-2.
-TOL = 3e-4
+# Batched decoding vs each prompt decoded alone from scratch: the same tokens, other KV cells and
+# rows around them; measured max |P difference| 9e-7 here and 1.4e-5 on test_judges.py's prompts
+# (this sharp model, init std 0.2, amplifies float rounding). One at a
+# time *with* prefix reuse decodes 1-3 token suffixes, which llama.cpp's CPU flash attention runs
+# through another kernel path (f16 accumulation): 1.9e-3 from the rest, measured. The bugs these
+# tests guard against (wrong logits row, a sequence missing its prefix) move probabilities > 1e-2.
+TOL, TOL_SMALL_SUFFIX = 5e-5, 5e-3
 N_CTX = 512  # small, so the prompts below need several waves and one of them does not fit at all
 PRINCIPLES = [C.PreferencePrinciple("p1", "Which response is more helpful and harmless?"),
               C.PreferencePrinciple("p2", "Which response is less likely to cause harm?")]
@@ -48,9 +48,9 @@ def _prompts() -> list[judges.ChoicePrompt]:
 @pytest.fixture(scope="module")
 def cpp(sharp_llama, tmp_path_factory):
     gguf = export_gguf(sharp_llama, tmp_path_factory.mktemp("gguf") / "sharp-f32.gguf", "f32")
-    base = models.load_base(tiny_config(tmp_path_factory.mktemp("run"), sharp_llama, "base.quantization=none"))
+    tok = AutoTokenizer.from_pretrained(sharp_llama)  # the fallback renderer; the GGUF's own template is used
     judge = judges.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(gguf), n_ctx=N_CTX),
-                                 lambda m, p: data.render(base.tokenizer, m, p))
+                                 lambda m, p: data.render(tok, m, p))
     yield judge
     judge.close()
 
@@ -79,17 +79,23 @@ def test_batched_judge_equals_one_prompt_at_a_time(cpp):
     assert len(fits) == len(prompts) - 4  # comparison 1: 2 principles x 2 orders too long
     assert len(list(waves(fits, N_CTX, 63))) >= 2 and max(len(w) for w in waves(fits, N_CTX, 63)) >= 4
 
-    one, one_tokens = _fresh(cpp, 1, prompts)
+    cpp.reuse_prefix = False
+    try:
+        alone, alone_tokens = _fresh(cpp, 1, prompts)  # each prompt alone, every token evaluated
+    finally:
+        cpp.reuse_prefix = True
+    one, one_tokens = _fresh(cpp, 1, prompts)  # one at a time, reusing the previous prompt's prefix
     many, many_tokens = _fresh(cpp, judges.JUDGE_SEQS - 1, prompts)
-    for i, (a, b) in enumerate(zip(one, many)):
+    for i, (a, o, b) in enumerate(zip(alone, one, many)):
         if len(tokens[i]) >= N_CTX:
-            assert a is None and b is None, i  # a failure in its own slot, the others unaffected
+            assert a is None and o is None and b is None, i  # a failure in its own slot, the others unaffected
         else:
             assert b == pytest.approx(a, abs=TOL), i
+            assert o == pytest.approx(a, abs=TOL_SMALL_SUFFIX), i
     assert any(abs(p[0] - 0.5) > 0.05 for p in many if p), "the model has no preferences; the test would be vacuous"
     assert many[8] == many[9]  # equal answers: identical prompts, one sequence
     # The tree decodes each shared token once: never more than one at a time with prefix reuse.
-    assert many_tokens <= one_tokens
+    assert many_tokens <= one_tokens < alone_tokens == sum(len(t) for t in fits)
 
     # Another order of the same prompts (other waves, other trees) gives each prompt the same answer.
     order = list(range(len(prompts)))

@@ -162,7 +162,7 @@ def test_llamacpp_and_local_judges_agree(float_base, sharp_gguf, sharp_llama, tm
         cpp.close()
     for l, c, a in zip(local, got, again):
         assert c == pytest.approx(l, abs=TOL_FLOAT)
-        assert a == pytest.approx(c, abs=1e-5)  # prefix reuse changes nothing but speed
+        assert a == pytest.approx(c, abs=5e-5)  # prefix sharing changes nothing but speed (rounding: 1.4e-5)
     nf4 = models.load_base(tiny_config(tmp_path, sharp_llama))
     quantized = judges.LocalJudge(nf4, JudgeConfig(adapter="none"), nf4.cfg.generation).option_probs(_prompts(), "AB")
     diffs = [abs(q[0] - c[0]) for q, c in zip(quantized, got)]
