@@ -161,7 +161,7 @@ class JudgeConfig:
     n_threads: int = ranged(2, ">= 1")
     """llamacpp judge: CPU threads."""
     n_ctx: int = ranged(4096, ">= 1")
-    """llamacpp judge: context length in tokens."""
+    """llamacpp judge: KV cells: a prompt this long or longer is a failure, and prompts are decoded together in waves of this many tokens (shared prefixes counted once)."""
     base_url: str = "http://127.0.0.1:8000/v1"
     """openai judge: server URL up to /v1."""
     model: str = "judge"

@@ -4,8 +4,8 @@ A judge scores the *next token* after the prefilled "The answer is: (" and norma
 probabilities of the letters, so the label is soft (CAI §4.1; RLAIF §2.1), not a parsed choice.
 Backends:
   - local: the shared in-process base with any adapter, one batched forward, last position only;
-  - llamacpp: llama-cpp-python on a GGUF file on CPU, reading only the last position's logits and
-    reusing the KV cache of the shared prompt prefix (demos, conversation, principle);
+  - llamacpp: llama-cpp-python on a GGUF file on CPU: the prompts' prefix tree (demos, conversation,
+    principle shared) in multi-sequence batches, last-position logits only (llamacpp_batch.py);
   - openai: any OpenAI-compatible server (judge_http.py).
 Reads the GGUF file or the server; writes nothing. `compare()` runs the labelling protocol (both
 orders, several principles, optional chain of thought) on any backend.
@@ -376,7 +376,7 @@ def compare(judge: Judge, comparisons: list[Comparison], both_orders: bool, demo
     """Judge every comparison under each of its principles, in one or both option orders.
 
     Prompts go to the judge in (comparison, principle, order) order, so consecutive prompts share
-    a long prefix: a llama.cpp judge reuses its KV cache across them."""
+    a long prefix: a llama.cpp judge decodes each shared prefix once for all of them."""
     prompts, index = [], []
     for ci, c in enumerate(comparisons):
         for pi, pr in enumerate(c.principles):
