@@ -13,6 +13,10 @@
    scratch. Goal: <= 0.65.
 
     python benchmarks/judge_speed.py [--shape 50m|0.5b] [--comparisons 8] [--threads 2]
+
+On a machine shared with other jobs use --threads 1: there, 2 threads ran both libraries 4-5x
+slower than 1 (a thread barrier per op waits for a descheduled thread), and the ratio is noise.
+The README's numbers: --comparisons 4 --threads 1, each shape once (the 0.5b run took ~20 minutes).
 """
 
 from __future__ import annotations
