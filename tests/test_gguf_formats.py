@@ -86,6 +86,18 @@ def test_llama3_rope_matches_transformers(llama3: Path, tmp_path: Path) -> None:
     assert "rope_freqs.weight" not in {t.name for t in GGUFReader(default).tensors}
 
 
+def test_linear_rope_matches_transformers(tmp_path: Path) -> None:
+    rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+    path = build_tiny_model(tmp_path / "linear", "llama", init_std=0.02, rope_parameters=rope)
+    _sharpen(path, "llama")
+    ids = _long_ids(path)
+    gguf = export_gguf(path, tmp_path / "m.gguf", "f32")
+    fields = GGUFReader(gguf).fields
+    assert bytes(fields["llama.rope.scaling.type"].parts[-1]).decode() == "linear"
+    diff = float(np.abs(_hf_logits(path, ids) - _gguf_logits(gguf, ids)).max())
+    assert diff <= TOLERANCE["f32"], f"linear rope f32 max abs logit diff {diff:.2e}"
+
+
 def test_other_scaled_rope_is_refused(llama3: Path, tmp_path: Path) -> None:
     folder = tmp_path / "yarn"
     folder.mkdir()
