@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -87,6 +87,37 @@ def train_tokenizer(vocab_size: int = 512, extra_text: list[str] | None = None) 
     )
 
 
+# Llama-3's tokenizer: byte-level BPE after this split (llama.cpp's "llama-bpe" pre-tokenizer), its
+# special tokens, BOS added, and Llama-3-8B-Instruct's chat template.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def train_llama3_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A Llama-3-style byte-level BPE tokenizer (see LLAMA3_SPLIT) with BOS, eos `<|eot_id|>`."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|end_of_text|>", chat_template=LLAMA3_CHAT_TEMPLATE,
+                                   clean_up_tokenization_spaces=False)
+
+
 def train_sentencepiece_tokenizer(vocab_size: int = 512, legacy: bool = False) -> PreTrainedTokenizerFast:
     """A Llama-2 / Mistral style tokenizer without the `sentencepiece` package: BPE over "▁"-marked words,
     ids 0-2 `<unk> <s> </s>`, then the 256 byte-fallback tokens `<0x00>`..., then the learned pieces,
@@ -131,7 +162,7 @@ def build_tiny_model(
     max_positions: int = 2048,
     seed: int = 0,
     init_std: float = 0.1,
-    tokenizer: Literal["bpe", "sentencepiece", "sentencepiece-legacy"] = "bpe",
+    tokenizer: Literal["bpe", "llama3-bpe", "sentencepiece", "sentencepiece-legacy"] = "bpe",
     rope_parameters: dict | None = None,
 ) -> Path:
     """Write a random `arch` model and its tokenizer to `path` and return the path.
@@ -140,11 +171,13 @@ def build_tiny_model(
     `init_std` is larger than the usual 0.02: at 0.02 the frozen random LM head caps every logit
     near 1 (|h| ~ sqrt(64), |w| ~ 0.16), so no adapter could make the model learn anything; at 0.1
     LoRA can, and the next-token distributions are far enough from uniform to test judges on.
-    `tokenizer` picks byte-level BPE or a SentencePiece-style one (`train_sentencepiece_tokenizer`);
+    `tokenizer` picks byte-level BPE (GPT-2's split, or Llama-3's) or a SentencePiece-style one;
     `rope_parameters` (e.g. Llama-3.1's {"rope_type": "llama3", ...}) goes to the config as is."""
     path = Path(path)
     if tokenizer == "bpe":
         tok = train_tokenizer(vocab_size)
+    elif tokenizer == "llama3-bpe":
+        tok = train_llama3_tokenizer(vocab_size)
     else:
         tok = train_sentencepiece_tokenizer(vocab_size, legacy=tokenizer == "sentencepiece-legacy")
     tokenizer = tok

@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from test_gguf_export import TEXTS, TOLERANCE, _llama_logits, _sharpen
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cai_lite import modelfile
 from cai_lite.gguf_export import export_gguf, quantize_gguf
 from cai_lite.judges import load_gguf
 from cai_lite.tiny import build_tiny_model
@@ -47,7 +48,7 @@ def _gguf_logits(gguf: Path, ids: list[int]) -> np.ndarray:
 
 
 def _long_ids(folder: Path) -> list[int]:
-    """About 150 tokens: past position 64, where the llama3 rope factors change the angles a lot."""
+    """About 280 tokens: well past position 64, where the llama3 rope factors change the angles a lot."""
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok(" ".join(TEXTS * 2), add_special_tokens=False)["input_ids"]
     assert len(ids) > 100
@@ -57,20 +58,35 @@ def _long_ids(folder: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = build_tiny_model(tmp_path_factory.mktemp("llama3") / "model", "llama", init_std=0.02,
-                            rope_parameters=dict(LLAMA3_ROPE))
+                            tokenizer="llama3-bpe", rope_parameters=dict(LLAMA3_ROPE))
     _sharpen(path, "llama")
     assert json.loads((path / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
     return path
 
 
-def test_llama3_rope_matches_transformers(llama3: Path, tmp_path: Path) -> None:
+def test_llama3_model_matches_transformers(llama3: Path, tmp_path: Path) -> None:
+    """A Llama-3.1-style model: scaled rope, Llama-3's pre-tokenizer, BOS and chat template."""
     ids = _long_ids(llama3)
     hf = _hf_logits(llama3, ids)
     gguf = export_gguf(llama3, tmp_path / "m.gguf", "f32")
     factors = next(t for t in GGUFReader(gguf).tensors if t.name == "rope_freqs.weight")
     assert factors.data.tolist() == pytest.approx([1, 1.294, 7.667, 8, 8, 8, 8, 8], abs=1e-3)
-    diff = float(np.abs(hf - _gguf_logits(gguf, ids)).max())
+    tok = AutoTokenizer.from_pretrained(llama3)
+    chat = tok.apply_chat_template([{"role": "user", "content": "Rewrite {x} %s"}], tokenize=False,
+                                   add_generation_prompt=True)
+    llm = load_gguf(str(gguf), n_ctx=512, logits_all=False, verbose=False, n_threads=2)
+    try:
+        # Llama-3's split cuts digits in threes: "1010" is 10 1 0 there and 10 10 with GPT-2's.
+        for text in [*TEXTS, chat, "Options: (A) (B) in 1010 or 2024"]:
+            want = tok(text, add_special_tokens=False)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
+        assert llm.tokenize(b"a", add_bos=True) == tok("a")["input_ids"]  # BOS first, as transformers
+        lc = _llama_logits(llm, ids)
+    finally:
+        llm.close()
+    diff = float(np.abs(hf - lc).max())
     assert diff <= TOLERANCE["f32"], f"llama3 rope f32 max abs logit diff {diff:.2e}"
+    assert modelfile.go_template(tok)[0] == "llama3"  # so the export stage's Modelfile gets a TEMPLATE
 
     # The same weights with default rope give other logits, so the match above proves the scaling.
     plain = tmp_path / "plain"
