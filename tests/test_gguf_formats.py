@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import pytest
 import torch
