@@ -49,15 +49,17 @@ def _spm_space_prefix(tok_json: dict[str, Any]) -> bool | None:
         return scheme != "never"
     # The older tokenizer.json layout: the normalizer does Metaspace's job, no pre-tokenizer.
     steps = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
-    kinds = [(s.get("type"), s.get("prepend") or (s.get("pattern") or {}).get("String")) for s in steps]
-    if not pre and kinds in ([("Prepend", "▁"), ("Replace", " ")], [("Replace", " ")]):
+    kinds = [(s.get("type"), s.get("prepend"), (s.get("pattern") or {}).get("String"), s.get("content"))
+             for s in steps]
+    replace = ("Replace", None, " ", "▁")
+    if not pre and kinds in ([("Prepend", "▁", None, None), replace], [replace]):
         return kinds[0][0] == "Prepend"
     return None
 
 
 def _pre_tokenizer_name(tok_json: dict[str, Any], path: Path) -> str:
-    """"llama" for a SentencePiece-style BPE, else the name of llama.cpp's built-in byte-level
-    pre-tokenizer that reproduces this pipeline; ValueError when there is none."""
+    """The tokenizer's name in llama.cpp: "llama" for a SentencePiece-style BPE, else the name of the
+    built-in byte-level pre-tokenizer that reproduces this pipeline; ValueError when there is none."""
     if _spm_space_prefix(tok_json) is not None:
         return "llama"
     model, pre = tok_json.get("model") or {}, tok_json.get("pre_tokenizer") or {}
