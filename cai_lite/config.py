@@ -366,7 +366,7 @@ class ExportConfig:
     adapter: Literal["none", "sft", "ppo", "rloo", "dpo"] = "ppo"
     """Stage whose adapter is merged into the de-quantized base (sft, ppo, rloo, dpo), or "none"."""
     gguf_types: list[str] = field(default_factory=lambda: ["f16"])
-    """GGUF files to write: any of f32, f16, q8_0."""
+    """GGUF files to write: any of f32, f16, q8_0, q4_k_m, q5_k_m (the k-quants by llama.cpp's own quantizer); the first is the Modelfile's."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float16"
     """dtype of the merged Hugging Face folder."""
 

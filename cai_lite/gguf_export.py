@@ -1,17 +1,20 @@
-"""Export a Hugging Face Llama or Qwen2 model folder to one GGUF file that llama.cpp can load.
+"""Export a Hugging Face Llama, Mistral or Qwen2 model folder to one GGUF file that llama.cpp and
+ollama can load.
 
 Reads `config.json`, the weights (`model.safetensors`, or the shards named by
 `model.safetensors.index.json`; safetensors only, never pickle), `tokenizer.json`,
 `tokenizer_config.json` and `chat_template.jinja` when present. Writes one GGUF file holding the
-hyperparameters, the byte-level BPE vocabulary, merges, special token ids and chat template, and
-the tensors as f32, f16 or q8_0 (norms and other 1-D tensors always f32). The file is written
-under a temporary name and renamed at the end, so a crash never leaves a half-written model.
+hyperparameters (rope: default, Llama-3.x `llama3` scaling, or `linear`), the vocabulary
+(`cai_lite.gguf_vocab`: byte-level BPE, or SentencePiece-style BPE as in Llama-2 and Mistral),
+special token ids and chat template, and the tensors as f32, f16 or q8_0 (norms and other 1-D
+tensors always f32). q4_k_m and q5_k_m go through llama.cpp's own quantizer (the one
+llama-cpp-python ships) from an f16 file. Files are written under a temporary name and renamed at
+the end, so a crash never leaves a half-written model.
 
-Only byte-level (GPT-2 style) BPE tokenizers whose pre-tokenizer llama.cpp knows by name are
-handled; anything else (SentencePiece, Unigram, unknown regexes) raises ValueError and should go
-through llama.cpp's own `convert_hf_to_gguf.py`.
+Anything else (other architectures, yarn/dynamic rope, Unigram tokenizers, unknown pre-tokenizer
+regexes) raises ValueError and should go through llama.cpp's own `convert_hf_to_gguf.py`.
 
-    python -m cai_lite.gguf_export HF_FOLDER OUT.gguf [f32|f16|q8_0]
+    python -m cai_lite.gguf_export HF_FOLDER OUT.gguf [f32|f16|q8_0|q4_k_m|q5_k_m]
 """
 
 from __future__ import annotations
@@ -24,26 +27,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quantize
 from safetensors import safe_open
 
+from cai_lite import gguf_vocab
+
 log = logging.getLogger(__name__)
 
-QType = Literal["f32", "f16", "q8_0"]
-ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+QType = Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m"]
+# Mistral's tensors and attention are Llama's (convert_hf_to_gguf.py maps it to "llama" too); llama.cpp's
+# llama arch has no sliding window, which only matters past `sliding_window` tokens.
+ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+# k-quants come from llama.cpp's quantizer: it picks per tensor (Q6_K for output and some ffn_down/attn_v
+# in the _M mixes) and falls back to legacy quants where a row is not a multiple of 256 values.
+K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
+GGUF_TYPES = (*FILE_TYPES, *K_QUANTS)
 
-# Pre-tokenizer regexes as they appear in tokenizer.json Split nodes, keyed to the names llama.cpp
-# uses for its built-in re-implementations (llama.cpp cannot run arbitrary regexes).
-_LETTERS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
-_TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-SPLIT_REGEXES = {
-    _LETTERS + r"\p{N}" + _TAIL: "qwen2",
-    _LETTERS + r"\p{N}{1,3}" + _TAIL: "llama-bpe",
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+": "gpt-2",
-}
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -89,90 +91,6 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def _pre_tokenizer_name(tok_json: dict[str, Any], path: Path) -> str:
-    """Name of llama.cpp's built-in pre-tokenizer that reproduces this pipeline, or ValueError."""
-    model, pre = tok_json.get("model") or {}, tok_json.get("pre_tokenizer") or {}
-    nodes = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    norm = (tok_json.get("normalizer") or {}).get("type")
-    name = None
-    # llama.cpp skips NFC; that only matters for text that is not already NFC, which is rare.
-    if model.get("type") == "BPE" and not model.get("byte_fallback") and norm in (None, "NFC"):
-        kinds = [n.get("type") for n in nodes]
-        if kinds == ["ByteLevel"] and nodes[0].get("use_regex", True):
-            name = "gpt-2"
-        elif kinds == ["Split", "ByteLevel"] and not nodes[1].get("use_regex", True):
-            name = SPLIT_REGEXES.get((nodes[0].get("pattern") or {}).get("Regex", ""))
-    if name is None:
-        raise ValueError(
-            f"{path}: only byte-level BPE tokenizers with a GPT-2, Qwen2 or Llama-3 pre-tokenizer are "
-            f"supported (model {model.get('type')!r}, pre_tokenizer {pre.get('type')!r}, normalizer "
-            f"{norm!r}); use llama.cpp's convert_hf_to_gguf.py on the HF folder instead"
-        )
-    return name
-
-
-def _add_tokenizer(w: GGUFWriter, folder: Path, config: dict[str, Any], n_vocab: int) -> None:
-    from transformers import AutoTokenizer  # heavy import, only needed here
-
-    # Read the pipeline transformers actually builds, not tokenizer.json verbatim: in transformers 5
-    # some tokenizer classes (e.g. Qwen2Tokenizer) replace the file's normalizer and pre-tokenizer,
-    # and the GGUF must tokenize like the model was trained.
-    tok_path = folder / "tokenizer.json"
-    if not tok_path.exists():
-        raise ValueError(f"{tok_path} is missing; use llama.cpp's convert_hf_to_gguf.py on the HF folder instead")
-    _pre_tokenizer_name(_read_json(tok_path), tok_path)  # fail early and cheaply on SentencePiece etc.
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok_json = json.loads(tok.backend_tokenizer.to_str())
-    pre = _pre_tokenizer_name(tok_json, tok_path)
-
-    by_id = {i: t for t, i in tok_json["model"]["vocab"].items()}
-    added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
-    by_id.update({i: a["content"] for i, a in added.items()})
-    # The embedding may have more rows than the tokenizer has tokens (padded for speed); llama.cpp
-    # needs one entry per row, so fill the gap with unused placeholders as convert_hf_to_gguf does.
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-        else:
-            tokens.append(by_id[i])
-            types.append(TokenType.NORMAL if i not in added
-                         else TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED)
-    # tokenizers >= 0.20 stores merges as [left, right] pairs, older versions as "left right".
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"].get("merges", [])]
-
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-
-    def special_id(kind: str) -> int | None:
-        if (tid := getattr(tok, f"{kind}_token_id", None)) is not None:
-            return tid
-        cid = config.get(f"{kind}_token_id")  # config.json only fills gaps the tokenizer leaves
-        return cid[0] if isinstance(cid, list) and cid else cid if isinstance(cid, int) else None
-
-    for kind, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id),
-                      ("pad", w.add_pad_token_id), ("unk", w.add_unk_token_id)):
-        if (tid := special_id(kind)) is not None:
-            add(tid)
-    # Ask the tokenizer whether it adds BOS/EOS (its post-processor decides, not a config flag).
-    # Writing False explicitly matters: llama.cpp otherwise falls back to a per-vocab default and
-    # may prepend a BOS the model never saw in training.
-    probe = tok("a")["input_ids"]
-    w.add_add_bos_token(tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id])
-    w.add_add_eos_token(tok.eos_token_id is not None and probe[-1:] == [tok.eos_token_id])
-
-    # transformers reads tokenizer_config.json's "chat_template" or chat_template.jinja into this.
-    template = tok.chat_template
-    if isinstance(template, dict):  # named templates, e.g. {"default": ..., "tool_use": ...}
-        template = [{"name": k, "template": v} for k, v in template.items()]
-    if template:
-        w.add_chat_template(template)
-
-
 def _target_type(shape: tuple[int, ...], qtype: QType) -> GGMLQuantizationType:
     if len(shape) < 2 or qtype == "f32":
         return GGMLQuantizationType.F32  # norms and biases are tiny and precision-sensitive
@@ -186,25 +104,68 @@ def _nbytes(shape: tuple[int, ...], t: GGMLQuantizationType) -> int:
     return int(np.prod(shape)) // block * size
 
 
+def _tmp_name(path: Path, tag: str = "") -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{tag}.tmp")
+
+
+def quantize_gguf(src: str | Path, dst: str | Path, qtype: str) -> Path:
+    """Quantize the f32/f16 GGUF `src` to `qtype` (q4_k_m, q5_k_m) at `dst` with llama.cpp's own
+    quantizer (`llama_model_quantize`), through a temporary name; return `dst`."""
+    import llama_cpp  # the compiled llama.cpp; only needed here
+
+    src, dst = Path(src), Path(dst)
+    if qtype not in K_QUANTS:
+        raise ValueError(f"qtype must be one of {sorted(K_QUANTS)} (got {qtype!r})")
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such GGUF file to quantize")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, K_QUANTS[qtype])
+    params.nthread = os.cpu_count() or 1
+    tmp = _tmp_name(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {src} to {qtype} (llama_model_quantize returned {rc}; "
+                               f"its log above says why)")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("quantized %s -> %s (%s)", src, dst, qtype)
+    return dst
+
+
 def export_gguf(hf_folder: str | Path, out_path: str | Path, qtype: QType = "f16") -> Path:
-    """Write `hf_folder` (a Llama or Qwen2 causal LM) as GGUF to `out_path` and return that path."""
-    folder, out_path = Path(hf_folder), Path(out_path)
-    if qtype not in FILE_TYPES:
-        raise ValueError(f"qtype must be one of {sorted(FILE_TYPES)} (got {qtype!r})")
+    """Write `hf_folder` (a Llama, Mistral or Qwen2 causal LM) as GGUF to `out_path`; return that path."""
+    out_path = Path(out_path)
+    if qtype not in GGUF_TYPES:
+        raise ValueError(f"qtype must be one of {', '.join(GGUF_TYPES)} (got {qtype!r})")
+    if qtype not in K_QUANTS:
+        return _write_gguf(Path(hf_folder), out_path, qtype)
+    f16 = _write_gguf(Path(hf_folder), _tmp_name(out_path, ".f16"), "f16")
+    try:
+        return quantize_gguf(f16, out_path, qtype)
+    finally:
+        f16.unlink(missing_ok=True)
+
+
+def _write_gguf(folder: Path, out_path: Path, qtype: QType) -> Path:
+    """Our own writer for the types gguf-py can quantize (f32, f16, q8_0)."""
     config = _read_json(folder / "config.json")
     hf_arch = (config.get("architectures") or [None])[0]
     if hf_arch not in ARCHS:
         raise ValueError(f"{folder / 'config.json'}: architecture {hf_arch!r} is not supported "
                          f"(supported: {', '.join(ARCHS)})")
     arch = ARCHS[hf_arch]
+    gguf_vocab.check(folder / "tokenizer.json")  # before any weight is read
     # transformers 5 moved rope settings into `rope_parameters`; older configs keep them top-level.
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        # Scaled rope (llama3, yarn, ...) needs extra tensors/keys; a wrong rope silently breaks
-        # long prompts, so refuse instead of guessing.
-        raise ValueError(f"{folder / 'config.json'}: rope type {rope_type!r} is not supported; "
-                         f"use llama.cpp's convert_hf_to_gguf.py on the HF folder instead")
+    if rope_type not in ("default", None, "llama3", "linear"):
+        # yarn, dynamic, longrope... need keys and attention factors llama.cpp reads differently;
+        # a wrong rope silently breaks long prompts, so refuse instead of guessing.
+        raise ValueError(f"{folder / 'config.json'}: rope type {rope_type!r} is not supported (default, "
+                         f"llama3, linear); use llama.cpp's convert_hf_to_gguf.py on the HF folder instead")
     rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
@@ -234,27 +195,37 @@ def export_gguf(hf_folder: str | Path, out_path: str | Path, qtype: QType = "f16
     w.add_rope_freq_base(rope_theta)
     w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     w.add_rope_dimension_count(head_dim)
+    if rope_type == "linear":  # positions divided by the factor, as transformers' linear rope does
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
     if head_dim != n_embd // n_head:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_vocab_size(n_vocab)
     w.add_file_type(FILE_TYPES[qtype])
     w.add_quantization_version(2)
-    _add_tokenizer(w, folder, config, n_vocab)
+    gguf_vocab.add_tokenizer(w, folder, config, n_vocab)
 
     transforms: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     if arch == "llama":  # qwen2 runs NEOX rope in llama.cpp, so its rows stay in HF order
         transforms = {"attn_q": lambda a: _permute_heads(a, n_head), "attn_k": lambda a: _permute_heads(a, n_kv)}
+    # Llama-3.x scaled rope: llama.cpp divides each rotary frequency by a per-dimension factor that
+    # it reads from the extra tensor rope_freqs.weight (as convert_hf_to_gguf.py writes it).
+    extra = {"rope_freqs.weight": llama3_rope_factors(rope, head_dim, rope_theta)} if rope_type == "llama3" else {}
+    for name, data in extra.items():
+        w.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=GGMLQuantizationType.F32)
     for name, _, t, shape in plan:
         w.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, t), raw_dtype=t)
 
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    tmp = _tmp_name(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         # Stream one tensor at a time so peak memory is one tensor, not the whole model.
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
+        for data in extra.values():
+            w.write_tensor_data(data)
         for name, hf_name, t, _ in plan:
             with safe_open(files[hf_name], framework="pt") as f:
                 data = f.get_tensor(hf_name).float().numpy()  # via torch so bf16 checkpoints load
@@ -270,6 +241,19 @@ def export_gguf(hf_folder: str | Path, out_path: str | Path, qtype: QType = "f16
         raise
     log.info("wrote %s (%s, %d tensors)", out_path, qtype, len(plan))
     return out_path
+
+
+def llama3_rope_factors(rope: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
+    """Per-frequency divisors of Llama-3.x rope, (head_dim/2,) f32: 1 for short wavelengths, `factor`
+    for long ones and a smooth blend between (transformers' _compute_llama3_parameters)."""
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    old = float(rope["original_max_position_embeddings"])
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (head_dim/2,)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (old / wavelen - low) / (high - low)
+    factors = np.where(wavelen < old / high, 1.0,
+                       np.where(wavelen > old / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)
 
 
 def _sort_key(hf_name: str) -> tuple[int, int, str]:

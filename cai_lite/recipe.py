@@ -21,6 +21,8 @@ import yaml
 from cai_lite.config import DEFAULT_RECIPE, RECIPES, SHIPPED, STAGES, Config
 from cai_lite.typed_yaml import ConfigError, apply_override, build, check_ranges, describe, parse_override
 
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_k_m", "q5_k_m")
+
 
 def available_recipes() -> dict[str, str]:
     """Recipe name -> its one-line description."""
@@ -184,9 +186,11 @@ def validate(cfg: Config) -> list[str]:
     e += check_ranges(cfg)
     if cfg.ppo.minibatch_size >= 1 and cfg.ppo.batch_size % cfg.ppo.minibatch_size:
         e.append(f"ppo.batch_size ({cfg.ppo.batch_size}) must be a multiple of ppo.minibatch_size ({cfg.ppo.minibatch_size})")
+    if not cfg.export.gguf_types:
+        e.append("export.gguf_types: empty; name at least one of " + ", ".join(GGUF_TYPES))
     for t in cfg.export.gguf_types:
-        if t not in ("f32", "f16", "q8_0"):
-            e.append(f"export.gguf_types: unknown type {t!r} (f32, f16, q8_0)")
+        if t not in GGUF_TYPES:  # the same list as gguf_export.GGUF_TYPES, without importing gguf here
+            e.append(f"export.gguf_types: unknown type {t!r} ({', '.join(GGUF_TYPES)})")
     return e
 
 

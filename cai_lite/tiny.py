@@ -1,4 +1,5 @@
-"""Tiny random causal LMs with a real byte-level BPE tokenizer, built in-process with no download.
+"""Tiny random causal LMs with a real tokenizer (byte-level BPE, or SentencePiece-style BPE with byte
+fallback as Llama-2 and Mistral ship), built in-process with no download.
 
 Reads nothing but the text embedded below; writes a normal Hugging Face model folder
 (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with a chat template,
@@ -16,10 +17,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaTokenizer,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -34,6 +38,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Llama-2 / Mistral-Instruct's format, for the SentencePiece-style tokenizers.
+INST_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
 
 # Text the tokenizer learns its merges from: assistant talk, principles and the judge's
 # multiple-choice vocabulary, so the prompts cai_lite builds tokenize into short sequences.
@@ -77,9 +87,72 @@ def train_tokenizer(vocab_size: int = 512, extra_text: list[str] | None = None) 
     )
 
 
+# Llama-3's tokenizer: byte-level BPE after this split (llama.cpp's "llama-bpe" pre-tokenizer), its
+# special tokens, BOS added, and Llama-3-8B-Instruct's chat template.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def train_llama3_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A Llama-3-style byte-level BPE tokenizer (see LLAMA3_SPLIT) with BOS, eos `<|eot_id|>`."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|end_of_text|>", chat_template=LLAMA3_CHAT_TEMPLATE,
+                                   clean_up_tokenization_spaces=False)
+
+
+def train_sentencepiece_tokenizer(vocab_size: int = 512, legacy: bool = False) -> PreTrainedTokenizerFast:
+    """A Llama-2 / Mistral style tokenizer without the `sentencepiece` package: BPE over "▁"-marked words,
+    ids 0-2 `<unk> <s> </s>`, then the 256 byte-fallback tokens `<0x00>`..., then the learned pieces,
+    so characters the corpus lacks (newlines, accents, CJK) fall back to bytes. BOS is added.
+
+    legacy=False: transformers' LlamaTokenizer (Metaspace, "▁" prepended only at the start: Mistral and
+    current Llama-2 uploads). legacy=True: the older tokenizer.json that prepends "▁" in the normalizer
+    to every piece of text, also after special tokens, loaded verbatim."""
+    specials = ["<unk>", "<s>", "</s>"]
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials) - 256, show_progress=False)
+    learner.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    kwargs = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", chat_template=INST_CHAT_TEMPLATE,
+                  clean_up_tokenization_spaces=False)
+    if not legacy:
+        return LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_prefix_space=True, **kwargs)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+
+
 def build_tiny_model(
     path: str | Path,
-    arch: Literal["llama", "qwen2"] = "llama",
+    arch: Literal["llama", "qwen2", "mistral"] = "llama",
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -89,15 +162,25 @@ def build_tiny_model(
     max_positions: int = 2048,
     seed: int = 0,
     init_std: float = 0.1,
+    tokenizer: Literal["bpe", "llama3-bpe", "sentencepiece", "sentencepiece-legacy"] = "bpe",
+    rope_parameters: dict | None = None,
 ) -> Path:
     """Write a random `arch` model and its tokenizer to `path` and return the path.
 
     Widths stay multiples of 64 so bitsandbytes' NF4 blocks (64 values) tile every weight.
     `init_std` is larger than the usual 0.02: at 0.02 the frozen random LM head caps every logit
     near 1 (|h| ~ sqrt(64), |w| ~ 0.16), so no adapter could make the model learn anything; at 0.1
-    LoRA can, and the next-token distributions are far enough from uniform to test judges on."""
+    LoRA can, and the next-token distributions are far enough from uniform to test judges on.
+    `tokenizer` picks byte-level BPE (GPT-2's split, or Llama-3's) or a SentencePiece-style one;
+    `rope_parameters` (e.g. Llama-3.1's {"rope_type": "llama3", ...}) goes to the config as is."""
     path = Path(path)
-    tokenizer = train_tokenizer(vocab_size)
+    if tokenizer == "bpe":
+        tok = train_tokenizer(vocab_size)
+    elif tokenizer == "llama3-bpe":
+        tok = train_llama3_tokenizer(vocab_size)
+    else:
+        tok = train_sentencepiece_tokenizer(vocab_size, legacy=tokenizer == "sentencepiece-legacy")
+    tokenizer = tok
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -108,21 +191,25 @@ def build_tiny_model(
         max_position_embeddings=max_positions,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
-        bos_token_id=None,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=init_std,
     )
+    if rope_parameters is not None:
+        common["rope_parameters"] = rope_parameters
     torch.manual_seed(seed)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common))
     else:
-        raise ValueError(f"tiny model arch must be 'llama' or 'qwen2' (got {arch!r})")
+        raise ValueError(f"tiny model arch must be 'llama', 'qwen2' or 'mistral' (got {arch!r})")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = None
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

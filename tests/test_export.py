@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import llama_cpp
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -54,3 +55,20 @@ def test_export_merges_the_adapter_and_writes_a_gguf(tmp_path, sharp_llama):
         llm.close()
     assert np.abs(cpp - hf.numpy()).max() < 1e-2  # measured 3.4e-3 on this sharp model (logits up to ~6)
     assert out["gguf"]["q8_0"]["bytes"] < out["gguf"]["f32"]["bytes"]
+    # The ollama Modelfile points at the first type and carries the ChatML template (tests/test_modelfile.py).
+    text = (cfg.path / "export" / "Modelfile").read_text()
+    assert "FROM ./model-f32.gguf\n" in text and 'PARAMETER stop "<|im_end|>"' in text and "<|im_start|>" in text
+
+
+def test_gguf_types_are_validated() -> None:
+    from cai_lite.gguf_export import GGUF_TYPES
+    from cai_lite.recipe import GGUF_TYPES as VALIDATED
+    from cai_lite.recipe import load_config
+    from cai_lite.typed_yaml import ConfigError
+
+    assert VALIDATED == GGUF_TYPES
+    assert load_config(["recipe=tiny_cpu", "export.gguf_types=[q4_k_m,q5_k_m,q8_0]"]).export.gguf_types[0] == "q4_k_m"
+    with pytest.raises(ConfigError, match=r"export\.gguf_types: unknown type 'q4_0' \(f32, f16, q8_0, q4_k_m, q5_k_m\)"):
+        load_config(["recipe=tiny_cpu", "export.gguf_types=[q4_0]"])
+    with pytest.raises(ConfigError, match=r"export\.gguf_types: empty"):
+        load_config(["recipe=tiny_cpu", "export.gguf_types=[]"])

@@ -2,11 +2,12 @@
 Face folder and GGUF files you can run in llama.cpp or ollama (or use as the llamacpp judge).
 
 Reads `<export.adapter>/adapter/` (sft, ppo, rloo or dpo) and the base model folder. Writes
-`export/hf/` (safetensors + tokenizer + chat template) and `export/model-<type>.gguf` for each
-of `export.gguf_types` (f32, f16, q8_0).
+`export/hf/` (safetensors + tokenizer + chat template), `export/model-<type>.gguf` for each of
+`export.gguf_types` (f32, f16, q8_0, q4_k_m, q5_k_m) and `export/Modelfile` for ollama, pointing at
+the first of them.
 
-    python run.py recipe=tiny_cpu stages=[export] export.adapter=ppo export.gguf_types=[f16,q8_0]
-    llama-cli -m runs/tiny_cpu/export/model-f16.gguf   # or: ollama create cai -f Modelfile (FROM ./model-f16.gguf)
+    python run.py recipe=tiny_cpu stages=[export] export.adapter=ppo export.gguf_types=[q4_k_m,f16]
+    llama-cli -m runs/tiny_cpu/export/model-q4_k_m.gguf   # or, in export/: ollama create cai -f Modelfile
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from cai_lite import models, rundir
 from cai_lite.config import Config
 from cai_lite.gguf_export import export_gguf
+from cai_lite.modelfile import write_modelfile
 from cai_lite.models import SharedBase
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ def check(cfg: Config) -> list[str]:
 KEYS = rundir.BASE_KEYS + ("export",)
 READS = ()
 OPTIONAL_READS = ("sft", "ppo", "rloo", "dpo")
-OUTPUTS = ("hf",)
+OUTPUTS = ("hf", "Modelfile")
 HEADLINE = "gguf"
 
 
@@ -51,4 +53,5 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         path = export_gguf(hf, out / f"model-{t}.gguf", t)
         files[t] = {"path": str(path), "bytes": path.stat().st_size}
         log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 2**20)
-    return {"adapter": ec.adapter, "hf_folder": str(hf), "gguf": files}
+    modelfile = write_modelfile(out, f"model-{ec.gguf_types[0]}.gguf", base.tokenizer)
+    return {"adapter": ec.adapter, "hf_folder": str(hf), "gguf": files, "modelfile": str(modelfile)}
