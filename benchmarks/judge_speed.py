@@ -22,7 +22,6 @@ The README's numbers: --comparisons 4 --threads 1, each shape once (the 0.5b run
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import tempfile
 import time
@@ -33,7 +32,7 @@ import torch
 from cai_lite import constitution as C
 from cai_lite import data, judges, models
 from cai_lite.config import JudgeConfig
-from cai_lite.gguf_export import export_gguf
+from cai_lite.gguf_export import export_gguf, quantize_gguf
 from cai_lite.recipe import load_config
 from cai_lite.tiny import build_tiny_model
 
@@ -61,21 +60,6 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def quantize(src: Path, dst: Path, qtype: str) -> Path:
-    """A k-quant GGUF from an f32 one: cai_lite.gguf_export.quantize_gguf where present, else llama.cpp directly."""
-    try:
-        from cai_lite.gguf_export import quantize_gguf
-    except ImportError:
-        import llama_cpp
-
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[qtype]
-        if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
-            raise RuntimeError(f"llama_model_quantize {src} -> {qtype} failed") from None
-        return dst
-    return quantize_gguf(src, dst, qtype)
 
 
 def main() -> None:
@@ -114,7 +98,7 @@ def main() -> None:
         f32 = None
         for qtype in QTYPES[args.shape]:
             path = Path(tmp) / f"{args.shape}-{qtype}.gguf"
-            gguf = quantize(f32, path, qtype) if qtype.startswith("q4_k") else export_gguf(folder, path, qtype)
+            gguf = quantize_gguf(f32, path, qtype) if qtype.startswith("q4_k") else export_gguf(folder, path, qtype)
             f32 = gguf if qtype == "f32" else f32
             cpp = judges.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(gguf), n_threads=args.threads,
                                                    n_ctx=args.n_ctx), render)
