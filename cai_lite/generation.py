@@ -84,6 +84,8 @@ def sample(base: SharedBase, prompts: list[str], adapter: str | None, g: Generat
     """`generate()` on `generation.backend`: in-process, or the server's model for role `adapter`."""
     if g.backend == "local":
         return generate(base, prompts, adapter, g, max_new_tokens=max_new_tokens, temperature=temperature, desc=desc)
+    if not prompts:  # a shard of helpful prompts only has nothing to critique
+        return Generated([], [], [])
     texts, cut, counts = generation_http.prompt_texts(base.tokenizer, prompts, g.max_prompt_tokens)
     # Drawn from the generator the stage seeded for this shard, so a resumed shard sends the same seeds.
     seed = int(torch.randint(2**31 - 1, (1,)))

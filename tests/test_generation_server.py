@@ -1,8 +1,9 @@
 """Generation through an OpenAI-compatible server (`generation.backend=openai`) against a real
 `python -m llama_cpp.server` on 127.0.0.1 serving the tiny model's GGUF: critique_revise writes rows
 of the local path's schema, records its backend, keeps the local config hash and resumes a killed
-shard to the same text; an unreachable server or an unnamed adapter role is one clear error before
-the base loads; a retried request fills its own row only (tests/test_judge_load.py's faulting proxy).
+shard to the same text; partial shards resume only on the backend that began them; an unreachable
+server or an unnamed adapter role is one clear error before the base loads; a retried request fills
+its own row only (tests/test_judge_load.py's faulting proxy).
 Skips when llama-cpp-python's `server` extra is not installed.
 
     python -m pytest tests/test_generation_server.py -q
@@ -23,13 +24,15 @@ from conftest import tiny_config
 from test_judge_load import Proxy, _free_port
 from transformers import AutoTokenizer
 
-from cai_lite import data, generation_http, models, pipeline
+from cai_lite import data, generation, generation_http, models, pipeline
+from cai_lite.stages import evaluate
 from cai_lite.config import GenerationSettings
 from cai_lite.gguf_export import export_gguf
+from cai_lite.recipe import load_config
 from cai_lite.typed_yaml import ConfigError
 
 SMALL = ["stages=[critique_revise]", "critique_revise.rounds=1", "data.limit=4", "critique_revise.helpful_limit=2",
-         "critique_revise.shard_size=3", "generation.max_new_tokens=12"]
+         "critique_revise.shard_size=2", "generation.max_new_tokens=12"]  # the last shard: helpful prompts only
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +101,29 @@ def test_critique_revise_through_a_llama_cpp_server(server, sharp_llama, tmp_pat
     out = remote.path / "critique_revise"
     before = _rows(remote)
     (out / "stage.json").unlink()
-    for p in out.glob("*-00001.jsonl"):
+    for p in [*out.glob("*-00001.jsonl"), *out.glob("*-00002.jsonl")]:
         p.unlink()
     again = pipeline.run(remote)["critique_revise"]
     assert again["resumed_shards"] == 1
     assert _rows(remote) == before
+
+
+def test_partial_shards_resume_only_on_the_backend_that_began_them(tmp_path, fake_stages):
+    seen, base = fake_stages
+    local = load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'run'}", "stages=[critique_revise]", *base])
+    remote = load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'run'}", "stages=[critique_revise]", *base,
+                          "generation.backend=openai"])
+    stage_json = local.path / "critique_revise" / "stage.json"
+    pipeline.run(local)
+    stage_json.unlink()  # killed after its first shard
+    pipeline.run(local)
+    assert seen["critique_revise"] == [".resume_key", "part-00000.jsonl"]  # resumed
+    stage_json.unlink()
+    pipeline.run(remote)
+    assert seen["critique_revise"] == [".resume_key"]  # begun afresh: no shards of two engines in one output
+    # A finished stage is not redone for another backend: the backend is not in the config hash.
+    seen.pop("critique_revise")
+    assert pipeline.run(local)["critique_revise"]["made"] == "critique_revise" and "critique_revise" not in seen
 
 
 def _no_model_load(monkeypatch):
@@ -178,3 +199,23 @@ def test_prompt_texts_cut_from_the_left_as_the_local_path(nf4_base):
     texts, cut, counts = generation_http.prompt_texts(tok, [prompt], len(ids))
     assert cut == [False] and texts == [prompt] and counts == [len(ids)]
     assert json.dumps(generation_http.describe(GenerationSettings(api_key_env="SECRET_KEY"))) == '{"backend": "local"}'
+    # A shard of helpful prompts only asks for no critiques: no request, no error.
+    down = GenerationSettings(backend="openai", base_url="http://127.0.0.1:9/v1", retries=0)
+    assert generation.sample(nf4_base, [], None, down) == generation.Generated([], [], [])
+
+
+def test_evaluate_asks_each_model_under_its_served_name(nf4_base, tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path / "run", "unused", "generation.backend=openai", "generation.model=cai-base",
+                      "generation.adapters=[sft=cai-sft, ppo=cai-ppo]")
+    sent = []
+
+    def post(url, body, headers, timeout_s, retries):
+        sent.append((body["model"], body["seed"]))
+        return {"choices": [{"text": f" {body['model']} ", "finish_reason": "stop"}]}
+
+    monkeypatch.setattr(generation_http.judge_http, "post", post)
+    prompts = [data.Prompt(f"p{i}", f"question {i}?") for i in range(3)]
+    got = evaluate._responses(cfg, nf4_base, {"base": None, "sft": "sft", "ppo": "ppo"}, prompts, prompts[:1])
+    assert got == {m: {"red_team": [name] * 3, "helpful": [name]}
+                   for m, name in (("base", "cai-base"), ("sft", "cai-sft"), ("ppo", "cai-ppo"))}
+    assert len(sent) == 12 and len(set(sent)) == 12  # each request its own seed
