@@ -37,6 +37,9 @@ from cai_lite.config import GenerationSettings, JudgeConfig
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+# Backoff jitter from a generator of its own: how many retries happened never moves the global `random`
+# state, which the generation stages seed per shard.
+_JITTER = random.Random()
 
 
 class ServerError(RuntimeError):
@@ -82,7 +85,7 @@ def post(url: str, body: dict, headers: dict[str, str], timeout_s: float, retrie
     for attempt in range(retries + 1):
         if attempt:
             # Jitter, so that many workers refused at once (429 under load) do not come back at once.
-            time.sleep(wait or random.uniform(0.5, 1.0) * min(8.0, 0.5 * 2 ** (attempt - 1)))
+            time.sleep(wait or _JITTER.uniform(0.5, 1.0) * min(8.0, 0.5 * 2 ** (attempt - 1)))
         wait = 0.0
         req = urllib.request.Request(url, data=data, headers=headers, method="POST")
         try:
