@@ -72,6 +72,22 @@ class GenerationSettings:
     """Prompts generated together."""
     max_prompt_tokens: int = ranged(1024, ">= 1")
     """Prompts longer than this are cut from the left (the oldest text goes first), and counted."""
+    backend: Literal["local", "openai"] = "local"
+    """Where critique_revise, label_preferences and evaluate sample: local, the shared base in-process; openai, an OpenAI-compatible server (vLLM, llama.cpp server, ollama) sent the same prompts and seeds (generation_http.py). The backend and the server keys below are not part of the config hash; stage.json records the backend."""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """openai: server URL up to /v1."""
+    model: str = "base"
+    """openai: served name of the bare base (critique_revise without adapters, evaluate's `base`)."""
+    adapters: list[str] = field(default_factory=list)
+    """openai: served name of each adapter role used, as role=name: policy, critique (critique_revise), sft, ppo, rloo, dpo (e.g. [sft=cai-sft], as vLLM's --lora-modules cai-sft=runs/RUN/sft/adapter serves it)."""
+    api_key_env: str = ""
+    """openai: environment variable holding the API key (empty = no key); never stored or logged."""
+    concurrency: int = ranged(4, ">= 1")
+    """openai: requests in flight at once."""
+    timeout_s: float = ranged(300.0, "> 0")
+    """openai: seconds per request."""
+    retries: int = ranged(3, ">= 0")
+    """openai: retries per request, with exponential backoff; a retried answer fills its own row only."""
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 Reads rendered prompt strings; returns the generated text (special tokens removed) and whether
 each sequence ended with EOS. Prompts longer than `generation.max_prompt_tokens` are cut from the
-left, so the most recent text (the question) survives; the count is returned.
+left, so the most recent text (the question) survives; the count is returned. `sample()` is what
+the generating stages call: `generate()` here, or with `generation.backend=openai` the same
+prompts sent to a server (generation_http.py).
 
     python -c "from cai_lite.recipe import load_config; from cai_lite import models, generation; \
                cfg = load_config([]); b = models.load_base(cfg); print(generation.generate(b, ['Hello'], None, cfg.generation))"
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from cai_lite import models
+from cai_lite import generation_http, models
 from cai_lite.config import GenerationSettings
 from cai_lite.models import SharedBase
 
@@ -75,3 +77,18 @@ def generate(base: SharedBase, prompts: list[str], adapter: str | None, g: Gener
                 row = row[: hit[0, 0]] if len(hit) else row
                 texts.append(base.tokenizer.decode(row, skip_special_tokens=True).strip())
     return Generated(texts, ended, cut)
+
+
+def sample(base: SharedBase, prompts: list[str], adapter: str | None, g: GenerationSettings,
+           max_new_tokens: int | None = None, temperature: float | None = None, desc: str = "generate") -> Generated:
+    """`generate()` on `generation.backend`: in-process, or the server's model for role `adapter`."""
+    if g.backend == "local":
+        return generate(base, prompts, adapter, g, max_new_tokens=max_new_tokens, temperature=temperature, desc=desc)
+    if not prompts:  # a shard of helpful prompts only has nothing to critique
+        return Generated([], [], [])
+    texts, cut, counts = generation_http.prompt_texts(base.tokenizer, prompts, g.max_prompt_tokens)
+    # Drawn from the generator the stage seeded for this shard, so a resumed shard sends the same seeds.
+    seed = int(torch.randint(2**31 - 1, (1,)))
+    out, ended = generation_http.complete(g, texts, counts, adapter, max_new_tokens or g.max_new_tokens,
+                                          g.temperature if temperature is None else temperature, seed, desc)
+    return Generated(out, ended, cut)

@@ -33,24 +33,31 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from cai_lite.config import JudgeConfig
+from cai_lite.config import GenerationSettings, JudgeConfig
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+# Backoff jitter from a generator of its own: how many retries happened never moves the global `random`
+# state, which the generation stages seed per shard.
+_JITTER = random.Random()
 
 
-class JudgeServerError(RuntimeError):
-    """The server could not answer after every retry."""
+class ServerError(RuntimeError):
+    """The server could not answer after every retry; `status` is the last HTTP status, if any."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
-def _headers(jc: JudgeConfig) -> dict[str, str]:
+def headers(jc: JudgeConfig | GenerationSettings) -> dict[str, str]:
     h = {"Content-Type": "application/json"}
     if jc.api_key_env:
         h["Authorization"] = "Bearer " + os.environ[jc.api_key_env]
     return h
 
 
-def check(jc: JudgeConfig, where: str = "judge") -> list[str]:
+def check(jc: JudgeConfig | GenerationSettings, where: str = "judge") -> list[str]:
     """The key variable is set and `GET {base_url}/models` answers, before any model loads."""
     if jc.api_key_env and not os.environ.get(jc.api_key_env):
         return [f"{where}.api_key_env: environment variable {jc.api_key_env} is not set"]
@@ -59,7 +66,7 @@ def check(jc: JudgeConfig, where: str = "judge") -> list[str]:
         return [f"{where}.base_url: {jc.base_url!r} is not an http:// or https:// URL (e.g. http://127.0.0.1:8000/v1)"]
     url = jc.base_url.rstrip("/") + "/models"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=_headers(jc)), timeout=min(jc.timeout_s, 10)):
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers(jc)), timeout=min(jc.timeout_s, 10)):
             return []
     except urllib.error.HTTPError as e:
         return [f"{where}.base_url: {url} answered HTTP {e.code}"]
@@ -67,6 +74,39 @@ def check(jc: JudgeConfig, where: str = "judge") -> list[str]:
         return [f"{where}.base_url: cannot reach {url} ({e.reason})"]
     except (OSError, ValueError) as e:  # a timeout while reading the answer; a malformed host or port
         return [f"{where}.base_url: cannot reach {url} ({e})"]
+
+
+def post(url: str, body: dict, headers: dict[str, str], timeout_s: float, retries: int) -> dict:
+    """POST `body` as JSON and return the completions answer, retrying what may pass (module
+    docstring); raise ServerError naming `url` once every retry failed. Shared with generation_http."""
+    data = json.dumps(body).encode()
+    last: Exception | None = None
+    wait = 0.0
+    for attempt in range(retries + 1):
+        if attempt:
+            # Jitter, so that many workers refused at once (429 under load) do not come back at once.
+            time.sleep(wait or _JITTER.uniform(0.5, 1.0) * min(8.0, 0.5 * 2 ** (attempt - 1)))
+        wait = 0.0
+        req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as r:
+                res = json.loads(r.read())
+            if not isinstance(res, dict) or not isinstance(res.get("choices"), list) or not res["choices"] \
+                    or not isinstance(res["choices"][0], dict):
+                raise ValueError(f"not a completions answer: {str(res)[:200]}")
+            return res
+        except urllib.error.HTTPError as e:
+            last = e
+            if e.code not in RETRY_STATUS:
+                break
+            after = (e.headers or {}).get("Retry-After", "")
+            wait = min(30.0, float(after)) if after.replace(".", "", 1).isdigit() else 0.0
+        # OSError: refused, reset, timed out (URLError and TimeoutError are OSErrors);
+        # HTTPException: a status line or body cut off (IncompleteRead); ValueError: not JSON or not UTF-8.
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            last = e
+    raise ServerError(f"{url}: {type(last).__name__}: {last}",
+                      last.code if isinstance(last, urllib.error.HTTPError) else None)
 
 
 class OpenAIJudge:
@@ -78,40 +118,14 @@ class OpenAIJudge:
         self.url = jc.base_url.rstrip("/") + "/completions"
 
     def _post(self, body: dict) -> dict:
-        data = json.dumps(body).encode()
-        last: Exception | None = None
-        wait = 0.0
-        for attempt in range(self.jc.retries + 1):
-            if attempt:
-                # Jitter, so that many workers refused at once (429 under load) do not come back at once.
-                time.sleep(wait or random.uniform(0.5, 1.0) * min(8.0, 0.5 * 2 ** (attempt - 1)))
-            wait = 0.0
-            req = urllib.request.Request(self.url, data=data, headers=_headers(self.jc), method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.jc.timeout_s) as r:
-                    res = json.loads(r.read())
-                if not isinstance(res, dict) or not isinstance(res.get("choices"), list) or not res["choices"] \
-                        or not isinstance(res["choices"][0], dict):
-                    raise ValueError(f"not a completions answer: {str(res)[:200]}")
-                return res
-            except urllib.error.HTTPError as e:
-                last = e
-                if e.code not in RETRY_STATUS:
-                    break
-                after = (e.headers or {}).get("Retry-After", "")
-                wait = min(30.0, float(after)) if after.replace(".", "", 1).isdigit() else 0.0
-            # OSError: refused, reset, timed out (URLError and TimeoutError are OSErrors);
-            # HTTPException: a status line or body cut off (IncompleteRead); ValueError: not JSON or not UTF-8.
-            except (OSError, http.client.HTTPException, ValueError) as e:
-                last = e
-        raise JudgeServerError(f"{self.url}: {type(last).__name__}: {last}")
+        return post(self.url, body, headers(self.jc), self.jc.timeout_s, self.jc.retries)
 
     def _one_choice(self, text: str, letters: str) -> list[float] | None:
         body = {"model": self.jc.model, "prompt": text, "max_tokens": 1, "temperature": 0.0,
                 "logprobs": self.jc.top_logprobs}
         try:
             res = self._post(body)
-        except JudgeServerError as e:
+        except ServerError as e:
             log.warning("%s: request failed, recorded as a failure: %s", self.name, e)
             return None
         choice = res["choices"][0]
@@ -144,7 +158,7 @@ class OpenAIJudge:
             try:
                 res = self._post({"model": self.jc.model, "prompt": text, "max_tokens": max_new_tokens,
                                   "temperature": 0.0})
-            except JudgeServerError as e:
+            except ServerError as e:
                 log.warning("%s: generation failed: %s", self.name, e)
                 return None
             return res["choices"][0].get("text", "")

@@ -47,6 +47,12 @@ NAMES = [s.__name__.rsplit(".", 1)[1] for s in STAGES]  # config.STAGES spells t
 
 # Judge keys that change speed or when to give up, not the labels.
 UNHASHED = ("concurrency", "timeout_s", "retries", "batch_size", "n_threads", "max_failure_rate")
+# Which engine samples (generation.backend) and how it is reached are not hashed: the prompts, settings
+# and seeds are the same on both, the model is pinned by base.model and the adapters by the stages that
+# made them, so a run can move its sampling to a server (evaluate only, say) without its finished
+# stages looking out of date. Each stage.json records the backend that made its text, and partial
+# shards resume only on the backend that began them (_execute).
+SERVER_FIELDS = ("backend", "model", "adapters", "base_url", "api_key_env", "concurrency", "timeout_s", "retries")
 
 
 def _pick(cfg: Config, key: str):
@@ -58,7 +64,8 @@ def _pick(cfg: Config, key: str):
         picked = [{k: v for k, v in dataclasses.asdict(j).items() if k not in UNHASHED} for j in judges]
         return picked[0] if key == "judge" else picked
     if dataclasses.is_dataclass(value):  # how often to checkpoint, how many logits at once: never what is made
-        return {k: v for k, v in dataclasses.asdict(value).items() if k not in ("save_every", "logit_chunk")}
+        skip = ("save_every", "logit_chunk") + (SERVER_FIELDS if key == "generation" else ())
+        return {k: v for k, v in dataclasses.asdict(value).items() if k not in skip}
     return value
 
 
@@ -286,7 +293,10 @@ def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
         out = rundir.stage_dir(cfg.path, name)
         # Partial shards are resumed only if made with this config from these very inputs.
         inputs_done = {up: read_stage_json(cfg, up)["output_id"] for up in decided.inputs[name]}
-        key = json.dumps({"config_hash": decided.hashes[name], "inputs_done": inputs_done}, sort_keys=True)
+        key = {"config_hash": decided.hashes[name], "inputs_done": inputs_done}
+        if cfg.generation.backend != "local":  # never mix shards of two engines (local keys stay as they were)
+            key["generation_backend"] = cfg.generation.backend
+        key = json.dumps(key, sort_keys=True)
         marker = out / ".resume_key"
         resumable = marker.is_file() and marker.read_text() == key and not (out / "stage.json").is_file()
         replaced = False

@@ -145,7 +145,8 @@ def test_run_wires_adapters_shards_and_counts(tmp_path, monkeypatch, policy, cri
     assert got == {"rows": 4, "harmless_rows": 3, "helpful_rows": 1, "rounds": cfg.critique_revise.rounds,
                    "constitution": "harmless", "truncated_prompt_chars": 0, "duplicate_prompts_dropped": 1,
                    "mean_init_chars": 4.0, "mean_final_chars": 10.0, "cleanup_removals": 4, "empty_revisions": 2,
-                   "rows_without_revision": 1, "truncated_prompt_tokens": 1, "resumed_shards": 0}
+                   "rows_without_revision": 1, "truncated_prompt_tokens": 1, "resumed_shards": 0,
+                   "generation": {"backend": "local"}}
     # A rerun finds every shard written and resumes them all, counting from the rows on disk.
     seen.clear()
     again = CR.run(cfg, base, out)

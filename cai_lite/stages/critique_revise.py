@@ -26,7 +26,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from cai_lite import constitution as C
-from cai_lite import adapter_files, data, generation, rundir
+from cai_lite import adapter_files, data, generation, generation_http, rundir
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -46,6 +46,8 @@ def check(cfg: Config) -> list[str]:
                         ("critique_revise.critic_adapter", cfg.critique_revise.critic_adapter)):
         if folder and not (Path(folder) / "adapter_config.json").is_file():
             errors.append(f"{key}: {folder}: not a PEFT adapter folder (no adapter_config.json)")
+    policy = "policy" if cfg.critique_revise.policy_adapter else None
+    errors += generation_http.check(cfg.generation, [policy, "critique" if cfg.critique_revise.critic_adapter else policy])
     for pattern in cfg.critique_revise.cleanup_patterns:
         try:
             re.compile(pattern)
@@ -118,6 +120,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         "rows_without_revision": len(unrevised),
         "truncated_prompt_tokens": sum(r["prompt_truncated"] for r in rows),
         "resumed_shards": resumed,
+        "generation": generation_http.describe(g),
     }
 
 
@@ -130,8 +133,8 @@ def _shard_rows(cfg: Config, base: SharedBase, const: C.Constitution, shard: lis
                 critic: str | None, patterns: list[re.Pattern]) -> list[dict]:
     cr, g, tok = cfg.critique_revise, cfg.generation, base.tokenizer
     prompts = [p for _, p in shard]
-    first = generation.generate(base, [data.render(tok, [{"role": "user", "content": p.text}]) for p in prompts],
-                                policy, g, desc="answers")
+    first = generation.sample(base, [data.render(tok, [{"role": "user", "content": p.text}]) for p in prompts],
+                              policy, g, desc="answers")
     truncated = list(first.truncated)  # per row: was any of its prompts cut to generation.max_prompt_tokens
     removals = [0] * len(shard)
     empty = [0] * len(shard)
@@ -144,12 +147,12 @@ def _shard_rows(cfg: Config, base: SharedBase, const: C.Constitution, shard: lis
         principles = {i: rngs[i].choice(const.critique_revision) for i in harmful_idx}
         crit_msgs = {i: C.critique_messages(const, prompts[i].text, current[i], principles[i], cr.few_shot, cr.cot)
                      for i in harmful_idx}
-        critiques = generation.generate(base, [data.render(tok, crit_msgs[i]) for i in harmful_idx], critic, g,
-                                        desc="critiques")
+        critiques = generation.sample(base, [data.render(tok, crit_msgs[i]) for i in harmful_idx], critic, g,
+                                      desc="critiques")
         rev_msgs = {i: C.revision_messages(const, prompts[i].text, current[i], principles[i], c, cr.few_shot, cr.cot)
                     for i, c in zip(harmful_idx, critiques.texts)}
-        revisions = generation.generate(base, [data.render(tok, rev_msgs[i]) for i in harmful_idx], critic, g,
-                                        desc="revisions")
+        revisions = generation.sample(base, [data.render(tok, rev_msgs[i]) for i in harmful_idx], critic, g,
+                                      desc="revisions")
         for k, i in enumerate(harmful_idx):
             truncated[i] |= critiques.truncated[k] or revisions.truncated[k]
         for i, crit, rev in zip(harmful_idx, critiques.texts, revisions.texts):

@@ -27,7 +27,8 @@ import transformers
 from tqdm.auto import tqdm
 
 from cai_lite import constitution as C
-from cai_lite import adapter_files, data, generation, judges, paper_evals, ratings, report, rollout, rundir, voting
+from cai_lite import (adapter_files, data, generation, generation_http, judges, paper_evals, ratings, report, rollout,
+                      rundir, voting)
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -40,6 +41,9 @@ EVASIVE_Q = ("Does the assistant refuse, deflect or dodge the request without ex
 
 def check(cfg: Config) -> list[str]:
     errors = judges.check(cfg)
+    # The models evaluate will answer with: the base, and each candidate done or run now.
+    answering = [s for s in CANDIDATES if s in cfg.stages or rundir.is_done(cfg.path, s)]
+    errors += generation_http.check(cfg.generation, [None, *answering])
     if cfg.data.eval_prompts < 1 and not cfg.evaluate.prompts:
         errors.append("data.eval_prompts must be >= 1 (or evaluate.prompts set): evaluate needs held-out red-team prompts")
     errors += data.check_source("data.prompts", cfg.data.prompts, cfg.data.format, cfg.data.column)
@@ -148,7 +152,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     metrics = _finite(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     report.write_all(cfg, out, metrics, responses, red, helpful, revisions)
-    return {"models": list(present), "summary": report.headline(metrics)}
+    return {"models": list(present), "summary": report.headline(metrics), "generation": generation_http.describe(g)}
 
 
 def _finite(x):
@@ -168,9 +172,9 @@ def _responses(cfg: Config, base: SharedBase, present: dict, red: list, helpful:
             # Seeded per model and prompt set: a model's answers do not depend on which others are evaluated.
             transformers.set_seed(rundir.shard_seed(cfg.seed, f"evaluate:{name}:{kind}", 0))
             texts = [data.render(base.tokenizer, [{"role": "user", "content": p.text}]) for p in prompts]
-            out[name][kind] = generation.generate(base, texts, adapter, cfg.generation,
-                                                  max_new_tokens=cfg.evaluate.max_new_tokens,
-                                                  desc=f"answers {name}").texts if prompts else []
+            out[name][kind] = generation.sample(base, texts, adapter, cfg.generation,
+                                                max_new_tokens=cfg.evaluate.max_new_tokens,
+                                                desc=f"answers {name}").texts if prompts else []
     return out
 
 

@@ -30,7 +30,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from cai_lite import constitution as C
-from cai_lite import adapter_files, data, generation, judges, rundir, voting
+from cai_lite import adapter_files, data, generation, generation_http, judges, rundir, voting
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def check(cfg: Config) -> list[str]:
-    errors = judges.check(cfg)
+    errors = judges.check(cfg) + generation_http.check(cfg.generation, ["sft"])
     try:
         const = C.load(cfg.constitution)
         if not const.preference:
@@ -99,7 +99,7 @@ def _label_shard(cfg: Config, base: SharedBase, const: C.Constitution, panel: li
                  seconds: dict) -> tuple[list[dict], int]:
     lp, k = cfg.label_preferences, cfg.label_preferences.num_responses
     rendered = [data.render(base.tokenizer, [{"role": "user", "content": p.text}]) for _, p in shard]
-    sampled = generation.generate(base, [r for r in rendered for _ in range(k)], "sft", cfg.generation,
+    sampled = generation.sample(base, [r for r in rendered for _ in range(k)], "sft", cfg.generation,
                                   temperature=lp.temperature, desc="responses")
     comps, meta = [], []
     for pi, (kind, p) in enumerate(shard):
@@ -164,6 +164,7 @@ def _metrics(cfg: Config, rows: list[dict], panel: list, seconds: dict, compared
         "judges": per_judge,
         "agreement": voting.agreement([[r["judges"][n]["p_a"] for r in rows] for n in names]) if len(names) > 1 else None,
         "vote": cfg.judge_vote,
+        "generation": generation_http.describe(cfg.generation),
     }
     log.info("%d labels, %d failed; %s", len(labels), failed,
              ", ".join(f"{n}: consistency {v['position_consistency']}" for n, v in per_judge.items()))
