@@ -28,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import RLOOConfig, RLOOTrainer
 
-from cai_lite import adapter_files, checkpoint, data, models, rollout, rundir
+from cai_lite import adapter_files, checkpoint, data, distributed, models, rollout, rundir
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -87,7 +87,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         disable_dropout=True,
         max_steps=rc.steps,
     )
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1)  # drop what is done again
+    # purge_step drops what is done again. Under torchrun/accelerate only rank 0 writes logs and files.
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1) if distributed.is_main() else None
     # TRL generates once per optimizer step here (steps_per_generation = gradient_accumulation_steps = 1),
     # so the i-th step's log goes with the i-th reward call, also after a resume.
     with models.trl_policy(base, "sft") as model:
@@ -99,7 +100,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
                                          checkpoint.TrainerCheckpoints(out, base, "default", rc.save_every,
                                                                        lambda: {"raw_means": raw_means})])
         checkpoint.train(trainer, base, "default", out)
-        adapter_files.save_adapter(base, "default", out / "adapter")
+        if distributed.is_main():
+            adapter_files.save_adapter(base, "default", out / "adapter")
     checkpoint.done(out)
     history = [h for h in trainer.state.log_history if "reward" in h]
     k = max(1, min(3, len(raw_means) // 3))

@@ -1,0 +1,98 @@
+"""Multi-process training: sft under `torchrun --nproc_per_node 2` on CPU (gloo), and the stages
+that refuse to run multi-process.
+
+The 2-process run goes through tests/ddp_worker.py, the real command with observers: the batches
+each rank trained on, its LoRA weights in memory, and every write it made under the run dir.
+
+    python -m pytest -q tests/test_multi_process.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cai_lite import distributed, pipeline
+from cai_lite.typed_yaml import ConfigError
+
+from conftest import ROOT, tiny_config
+
+SMALL = ["critique_revise.rounds=1", "data.limit=6", "critique_revise.helpful_limit=2"]
+
+
+def test_sft_on_two_processes_trains_both_and_only_rank_0_writes(tmp_path, tiny_llama):
+    run = tmp_path / "run"
+    pipeline.run(tiny_config(run, tiny_llama, "stages=[critique_revise]", *SMALL))  # one process: it generates
+    report = tmp_path / "report"
+    report.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "CAI_LITE_TEST_REPORT": str(report), "CAI_LITE_TEST_RUN": str(run)}
+    # critique_revise is selected but done: a skipped stage is no reason to refuse the launch.
+    args = ["recipe=tiny_cpu", f"run_dir={run}", f"base.model={tiny_llama}", "base.create=none",
+            "stages=[critique_revise,sft]", *SMALL, "sft.max_steps=3", "sft.batch_size=2", "sft.save_every=2"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "ddp_worker.py"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[:3000]
+    ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+    weights = [torch.load(report / f"rank{r}.pt") for r in (0, 1)]
+
+    # Both trained, each step on its own rows: TRL's sampler gives each rank a different shard, and
+    # in the first epoch (2 steps x 2 rows x 2 ranks) the two shards together are the 8 train rows.
+    stage = json.loads((run / "sft" / "stage.json").read_text())
+    assert stage["processes"] == 2 and stage["steps"] == 3 and stage["train_rows"] == 8
+    steps = [r["batches"] for r in ranks]
+    assert len(steps[0]) == len(steps[1]) == 3
+    for b0, b1 in zip(*steps):
+        assert len(b0) == len(b1) == 2 and not set(b0) & set(b1)
+    assert len({h for r in steps for b in r[:2] for h in b}) == 8
+
+    # DDP averaged the gradients: both ranks end with the same, trained weights, and the saved adapter is them.
+    saved = load_file(run / "sft" / "adapter" / "adapter_model.safetensors")
+    assert set(saved) == set(weights[0]["after"]) == set(weights[1]["after"])
+    for k, v in saved.items():
+        assert torch.equal(weights[0]["after"][k], v) and torch.equal(weights[1]["after"][k], v)
+    assert any(not torch.equal(weights[0]["before"][k], v) for k, v in saved.items())
+
+    # Only rank 0 touched the run dir; one stage.json, one TensorBoard file, one summary, no checkpoint left.
+    assert ranks[1]["writes"] == []
+    assert any("sft/stage.json" in w for w in ranks[0]["writes"])  # the observer does see rank 0's writes
+    assert len(list(run.rglob("stage.json"))) == 2  # critique_revise's, from before, and sft's
+    assert len(list((run / "sft" / "tensorboard").iterdir())) == 1
+    assert not (run / "sft" / "checkpoint").exists()
+    # The checkpoint at step 2 held each rank's random generators under transformers' names, so a
+    # resumed Trainer restores each rank's own.
+    assert len(ranks[0]["checkpoints"]) == 1
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "scheduler.pt", "trainer_state.json", "state.json",
+            "adapters/sft/adapter_model.safetensors"} <= set(ranks[0]["checkpoints"][0])
+    assert len((run / "sft" / "train_log.jsonl").read_text().splitlines()) == 4  # 3 steps + the summary line
+    assert proc.stdout.count(f"run: {run}") == 1 and "sft " in proc.stdout
+
+
+@pytest.mark.parametrize("stages, named", [
+    ("[critique_revise,sft]", ["critique_revise"]),
+    ("[critique_revise,sft,label_preferences,reward_model,ppo,rloo,dpo,evaluate,export]",
+     ["critique_revise", "label_preferences", "ppo", "evaluate", "export"]),
+])
+def test_stages_that_cannot_run_multi_process_are_refused_before_any_model_loads(
+        fake_stages, monkeypatch, tmp_path, stages, named):
+    seen, base = fake_stages
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed, "start", lambda device: None)  # the refusal comes before any collective call
+    cfg = tiny_config(tmp_path / "run", tmp_path / "model", f"stages={stages}", *base)
+    with pytest.raises(ConfigError) as e:
+        pipeline.run(cfg)
+    assert [next(n for n in named if f"stages: {n} " in line) for line in e.value.errors] == named
+    text = "\n".join(e.value.errors)
+    if "critique_revise" in named or "evaluate" in named:
+        assert "generation.backend=openai" in text
+    if "ppo" in named:
+        assert "ppo is single-process" in text and "rloo or dpo" in text
+    assert "cfg" not in seen and not (tmp_path / "run").exists()  # no model loaded, nothing written
