@@ -81,6 +81,44 @@ def from_main(value):
     return box[0]
 
 
+def share(rows: list) -> list:
+    """This process's part of one optimizer step's rows: every world_size()-th, from its rank on."""
+    return rows[rank()::world_size()]
+
+
+def same_as_main(tensors: list) -> None:
+    """Copy rank 0's values into these tensors on every process (a hand-written loop's start, as DDP does)."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def sum_gradients(params: list) -> None:
+    """Add up the gradients of `params` over all processes, in one message (no-op for one process)."""
+    if world_size() == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    flat = torch.cat([p.grad.reshape(-1) for p in params])  # (sum of numels,)
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p.grad))
+
+
+def total(x):
+    """The sum of tensor `x` over all processes (itself for one process)."""
+    if world_size() == 1:
+        return x
+    import torch.distributed as dist
+
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
 def to_main(value) -> list | None:
     """Every process's `value`, in rank order, on rank 0 (None on the others; pickled, so small things only)."""
     if world_size() == 1:

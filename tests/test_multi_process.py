@@ -1,5 +1,5 @@
-"""Multi-process training: sft under `torchrun --nproc_per_node 2` on CPU (gloo), and the stages
-that refuse to run multi-process.
+"""Multi-process training: sft under `torchrun --nproc_per_node 2` on CPU (gloo); reward_model's own
+loop on 2 processes equals 1 process with twice the batch; the stages that refuse to run multi-process.
 
 The 2-process run goes through tests/ddp_worker.py, the real command with observers: the batches
 each rank trained on, its LoRA weights in memory, and every write it made under the run dir.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -96,3 +97,44 @@ def test_stages_that_cannot_run_multi_process_are_refused_before_any_model_loads
     if "ppo" in named:
         assert "ppo is single-process" in text and "rloo or dpo" in text
     assert "cfg" not in seen and not (tmp_path / "run").exists()  # no model loaded, nothing written
+
+
+def _reward_model_process(rank: int, port: int, run, batch_size: int) -> None:
+    """One of two processes training the stubbed reward model (test_reward_model_steps' one weight)."""
+    from test_reward_model_steps import BASE, stubbed
+
+    from cai_lite.stages import reward_model
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    distributed.start("cpu")
+    stage = stubbed(run, batch_size, pytest.MonkeyPatch())
+    reward_model.run(stage.cfg, BASE, run / "reward_model")
+    torch.save(stage.w.detach(), run / f"w{rank}.pt")  # outside the stage's folder
+    distributed.stop()
+
+
+def test_reward_model_on_two_processes_equals_one_process_with_twice_the_batch(tmp_path, monkeypatch):
+    from test_reward_model_steps import BASE, _rows, stubbed
+
+    from cai_lite import data
+    from cai_lite.stages import reward_model
+
+    runs = {}
+    for name in ("one", "two"):
+        runs[name] = tmp_path / name
+        (runs[name] / "label_preferences").mkdir(parents=True)
+        data.write_shard(data.shard_path(runs[name] / "label_preferences", 0), _rows(13))
+    stage = stubbed(runs["one"], 2, monkeypatch)
+    one = reward_model.run(stage.cfg, BASE, runs["one"] / "reward_model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_reward_model_process, args=(port, runs["two"], 1), nprocs=2)
+    w0, w1 = (torch.load(runs["two"] / f"w{r}.pt") for r in (0, 1))
+    # Each step: 1 pair per process, gradients summed (each loss weighted by its half) = 2 pairs in one process.
+    assert torch.equal(w0, w1) and w0.item() == pytest.approx(stage.w.item(), abs=1e-6) and w0.item() > 0
+    log = lambda run: [json.loads(x)["loss"] for x in (run / "reward_model" / "log.jsonl").read_text().splitlines()]
+    assert log(runs["two"]) == pytest.approx(log(runs["one"]), abs=1e-6) and len(log(runs["one"])) == 10
+    assert one["train_pairs"] == 10
+    assert len(list((runs["two"] / "reward_model" / "tensorboard").iterdir())) == 1  # rank 0's alone

@@ -64,7 +64,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         ps = [p[-1]["content"] for p in prompts]
         cs = [c[-1]["content"] for c in completions]
         raw = rollout.score(base, ps, cs, g.batch_size, g.max_prompt_tokens + rc.max_new_tokens)
-        raw_means.append(raw.mean().item())
+        # Over every process's completions (TRL calls this on each, with as many): the step's mean, as one process logs it.
+        raw_means.append(distributed.total(raw.mean()).item() / distributed.world_size())
         score = (raw - stats["mean"]) / (stats["std"] + 1e-8)
         no_eos = torch.tensor(rollout.missing_eos(completion_ids, eos), dtype=score.dtype)
         return (score - rc.missing_eos_penalty * no_eos).tolist()
