@@ -6,6 +6,7 @@
     (Python's audit hooks see each open() for writing, mkdir, rename and remove; torch.save and
     safetensors write from C++, so those two are wrapped);
   - on rank 0, the files of each checkpoint saved.
+With CAI_LITE_TEST_EXIT_AT_STEP=k > 0 every process dies (os._exit) right after step k's checkpoint call.
 Writes them to $CAI_LITE_TEST_REPORT/rank<RANK>.json and .pt.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py recipe=tiny_cpu stages=[sft] ...
@@ -49,6 +50,14 @@ def observed_train(trainer, base, adapter, out):
     return result
 
 
+def exit_at(on_log, step):
+    def wrapped(self, args, state, control, **kwargs):
+        on_log(self, args, state, control, **kwargs)
+        if state.global_step == step:
+            os._exit(1)  # as a kill would: no cleanup, no stage.json
+    return wrapped
+
+
 def observed_save(*args, **kwargs):
     final = save(*args, **kwargs)
     if RANK == "0":
@@ -77,6 +86,8 @@ sys.addaudithook(audit)
 torch.save = lambda obj, f, *a, **k: written(f, "torch.save") or torch_save(obj, f, *a, **k)
 adapter_files.save_file = lambda tensors, f, *a, **k: written(f, "save_file") or save_file(tensors, f, *a, **k)
 checkpoint.save = observed_save
+if step := int(os.environ.get("CAI_LITE_TEST_EXIT_AT_STEP", "0")):
+    checkpoint.TrainerCheckpoints.on_log = exit_at(checkpoint.TrainerCheckpoints.on_log, step)
 SFTTrainer.compute_loss = observed_loss
 checkpoint.train = observed_train
 code = cli.main(sys.argv[1:])

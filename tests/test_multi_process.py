@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,22 +26,37 @@ from cai_lite.typed_yaml import ConfigError
 from conftest import ROOT, tiny_config
 
 SMALL = ["critique_revise.rounds=1", "data.limit=6", "critique_revise.helpful_limit=2"]
+# LoRA dropout on, so a resumed run matches only if each rank gets its own random generators back.
+SFT = ["stages=[critique_revise,sft]", *SMALL, "sft.max_steps=3", "sft.batch_size=2", "sft.save_every=2",
+       "lora.dropout=0.2"]
 
 
-def test_sft_on_two_processes_trains_both_and_only_rank_0_writes(tmp_path, tiny_llama):
-    run = tmp_path / "run"
-    pipeline.run(tiny_config(run, tiny_llama, "stages=[critique_revise]", *SMALL))  # one process: it generates
-    report = tmp_path / "report"
-    report.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "CAI_LITE_TEST_REPORT": str(report), "CAI_LITE_TEST_RUN": str(run)}
+def torchrun_sft(run, model, report, exit_at_step: int = 0) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2` of tests/ddp_worker.py (the real command, observed) on `run`."""
+    report.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CAI_LITE_TEST_REPORT": str(report),
+           "CAI_LITE_TEST_RUN": str(run), "CAI_LITE_TEST_EXIT_AT_STEP": str(exit_at_step)}
     # critique_revise is selected but done: a skipped stage is no reason to refuse the launch.
-    args = ["recipe=tiny_cpu", f"run_dir={run}", f"base.model={tiny_llama}", "base.create=none",
-            "stages=[critique_revise,sft]", *SMALL, "sft.max_steps=3", "sft.batch_size=2", "sft.save_every=2"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    args = ["recipe=tiny_cpu", f"run_dir={run}", f"base.model={model}", "base.create=none", *SFT]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "tests" / "ddp_worker.py"), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tiny_llama):
+    """critique_revise in one process (it generates), then sft on two, uninterrupted."""
+    root = tmp_path_factory.mktemp("ddp")
+    pipeline.run(tiny_config(root / "run", tiny_llama, "stages=[critique_revise]", *SMALL))
+    shutil.copytree(root / "run", root / "fresh")  # for the interrupted run
+    proc = torchrun_sft(root / "run", tiny_llama, root / "report")
     assert proc.returncode == 0, proc.stderr[:3000]
+    return root, proc
+
+
+def test_sft_on_two_processes_trains_both_and_only_rank_0_writes(sft_run):
+    root, proc = sft_run
+    run, report = root / "run", root / "report"
     ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
     weights = [torch.load(report / f"rank{r}.pt") for r in (0, 1)]
 
@@ -138,3 +154,16 @@ def test_reward_model_on_two_processes_equals_one_process_with_twice_the_batch(t
     assert log(runs["two"]) == pytest.approx(log(runs["one"]), abs=1e-6) and len(log(runs["one"])) == 10
     assert one["train_pairs"] == 10
     assert len(list((runs["two"] / "reward_model" / "tensorboard").iterdir())) == 1  # rank 0's alone
+
+
+def test_sft_killed_on_two_processes_resumes_to_the_uninterrupted_weights(sft_run, tiny_llama):
+    root, _ = sft_run
+    run = root / "fresh"
+    killed = torchrun_sft(run, tiny_llama, root / "killed", exit_at_step=3)  # both ranks die after step 3
+    assert killed.returncode != 0 and (run / "sft" / "checkpoint" / "rng_state_1.pth").is_file()
+    resumed = torchrun_sft(run, tiny_llama, root / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[:3000]
+    assert json.loads((run / "sft" / "stage.json").read_text())["resumed_from_step"] == 2
+    want = load_file(root / "run" / "sft" / "adapter" / "adapter_model.safetensors")
+    got = load_file(run / "sft" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in want.items())
