@@ -139,12 +139,16 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def refusals(to_run: list[str]) -> list[str]:
-    """Why stages that would run now cannot run under WORLD_SIZE > 1 ([] when they all can)."""
+def refusals(device: str, to_run: list[str]) -> list[str]:
+    """Why this launch of WORLD_SIZE > 1 processes cannot run the stages `to_run` on `base.device`
+    ([] when it can, and always for one process)."""
     if world_size() == 1:
         return []
     n = world_size()
     out = []
+    if device.startswith("cuda:"):
+        out.append(f"base.device: {device} would put all {n} processes on one GPU; set base.device=auto (or cuda): "
+                   "each process then takes the GPU of its LOCAL_RANK")
     for name in to_run:
         if name in MULTI_PROCESS_STAGES:
             continue

@@ -1,4 +1,5 @@
-"""Run the selected stages in order, in one process, on one loaded base.
+"""Run the selected stages in order, in one process, on one loaded base (or, launched by torchrun or
+accelerate, the training stages data-parallel: one base per process, rank 0 alone writes; see distributed.py).
 
 Reads the resolved Config and each stage's previous `stage.json`; writes `runs/<run>/config.yaml`,
 one folder per stage, and in each, after the stage's outputs, `stage.json` with `stage`,
@@ -259,7 +260,7 @@ def _checked_run(cfg: Config) -> dict[str, dict]:
             for name in rundir.recover(cfg.path):
                 log.warning("%s: a redo of it did not finish; its finished output is back in place", name)
     decided = plan(cfg)
-    if refused := distributed.refusals([n for n, a in decided.actions.items() if a == "run"]):
+    if refused := distributed.refusals(cfg.base.device, [n for n, a in decided.actions.items() if a == "run"]):
         raise ConfigError(refused)
     if cfg.base.create in LAB_SIZES and "run" in decided.actions.values():
         from cai_lite.lab import pretrain

@@ -92,25 +92,26 @@ def test_sft_on_two_processes_trains_both_and_only_rank_0_writes(sft_run):
     assert proc.stdout.count(f"run: {run}") == 1 and "sft " in proc.stdout
 
 
-@pytest.mark.parametrize("stages, named", [
-    ("[critique_revise,sft]", ["critique_revise"]),
-    ("[critique_revise,sft,label_preferences,reward_model,ppo,rloo,dpo,evaluate,export]",
-     ["critique_revise", "label_preferences", "ppo", "evaluate", "export"]),
+@pytest.mark.parametrize("overrides, named", [
+    (["stages=[critique_revise,sft]"], ["stages: critique_revise "]),
+    (["stages=[critique_revise,sft,label_preferences,reward_model,ppo,rloo,dpo,evaluate,export]"],
+     ["stages: critique_revise ", "stages: label_preferences ", "stages: ppo ", "stages: evaluate ", "stages: export "]),
+    (["stages=[critique_revise,sft]", "base.device=cuda:0"], ["base.device: cuda:0 ", "stages: critique_revise "]),
 ])
 def test_stages_that_cannot_run_multi_process_are_refused_before_any_model_loads(
-        fake_stages, monkeypatch, tmp_path, stages, named):
+        fake_stages, monkeypatch, tmp_path, overrides, named):
     seen, base = fake_stages
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(distributed, "start", lambda device: None)  # the refusal comes before any collective call
-    cfg = tiny_config(tmp_path / "run", tmp_path / "model", f"stages={stages}", *base)
+    cfg = tiny_config(tmp_path / "run", tmp_path / "model", *overrides, *base)
     with pytest.raises(ConfigError) as e:
         pipeline.run(cfg)
-    assert [next(n for n in named if f"stages: {n} " in line) for line in e.value.errors] == named
+    assert [line[:len(n)] for line, n in zip(e.value.errors, named)] == named and len(e.value.errors) == len(named)
     text = "\n".join(e.value.errors)
-    if "critique_revise" in named or "evaluate" in named:
+    if "critique_revise" in text or "evaluate" in text:
         assert "generation.backend=openai" in text
-    if "ppo" in named:
+    if "stages: ppo" in text:
         assert "ppo is single-process" in text and "rloo or dpo" in text
     assert "cfg" not in seen and not (tmp_path / "run").exists()  # no model loaded, nothing written
 

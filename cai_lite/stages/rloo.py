@@ -73,7 +73,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     red = data.read_optional(rc.prompts, 0, cfg.data.max_prompt_chars) if rc.prompts else data.prompt_split(cfg).train
     prompts = [p.text for p in red + data.read_optional(rc.helpful_prompts, rc.helpful_limit, cfg.data.max_prompt_chars)]
     random.Random(cfg.seed).shuffle(prompts)  # so a short run still sees both kinds of prompt
-    needed = rc.steps * rc.batch_size
+    needed = rc.steps * rc.batch_size * distributed.world_size()  # each process takes rloo.batch_size prompts a step
     rows = [{"prompt": [{"role": "user", "content": prompts[i % len(prompts)]}]} for i in range(needed)]
     args = RLOOConfig(
         **trl_args(cfg, base.device.type, out),
