@@ -110,7 +110,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     with models.role(base, "reward", trainable=True) as model, log_path.open("w") as log_file:
         log_file.writelines(json.dumps(h) + "\n" for h in history)
         model.train()
-        bar = tqdm(batches[start:], desc="reward model", initial=start, total=len(batches))
+        bar = tqdm(batches[start:], desc="reward model", initial=start, total=len(batches), disable=not main)
         for step, rows in enumerate(bar, start):
             chunk = distributed.share(rows)
             r_a, r_b = pair_scores(base, chunk, rm.max_seq_len)
