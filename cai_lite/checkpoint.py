@@ -8,7 +8,8 @@ has saved its adapter. It holds only what training changes:
   - `adapters/<name>/`: each trained adapter as a PEFT folder (+ `head.safetensors`), written from
     the parameters themselves: a state dict of the model would make bitsandbytes repack the 4-bit
     base on CPU (see models.lora_tensors), and the base and the frozen adapters never change;
-  - `optimizer.pt`, `rng_state.pth` (python, numpy, torch and CUDA generators) and `state.json`
+  - `optimizer.pt`, `rng_state.pth` (python, numpy, torch and CUDA generators; `rng_state_<rank>.pth`, one
+    per process, under torchrun/accelerate) and `state.json`
     (step, plus what the stage's own loop needs: its history, the KL coefficient, ...);
   - for TRL trainers also `scheduler.pt` and `trainer_state.json`, in the names and formats
     transformers' `Trainer.train(resume_from_checkpoint=...)` reads, so the Trainer itself skips
@@ -33,7 +34,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import safe_globals
 
-from cai_lite import adapter_files
+from cai_lite import adapter_files, distributed
 from cai_lite.models import SharedBase
 
 log = logging.getLogger(__name__)
@@ -60,18 +61,23 @@ def logged(ckpt: Path | None) -> list[dict]:
 def save(out: Path, base: SharedBase, adapters: list[str], optimizer: torch.optim.Optimizer, state: dict,
          write_more: Callable[[Path], None] | None = None) -> Path:
     """Write `out/checkpoint/` atomically: the trained adapters, the optimizer, every random generator's
-    state and `state` (JSON, with at least `step`). `write_more(tmp)` adds files (the Trainer's)."""
+    state and `state` (JSON, with at least `step`). `write_more(tmp)` adds files (the Trainer's).
+
+    Under torchrun/accelerate every process calls this at the same step and rank 0 writes it all:
+    each rank's random generators as `rng_state_<rank>.pth` (transformers' name, so each rank resumes
+    its own dropout and sampling); the adapters and optimizer are the same on every rank (DDP)."""
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    generators = distributed.to_main(_rng_state())
+    if not distributed.is_main():
+        return final
     if tmp.exists():
         shutil.rmtree(tmp)  # a save that was killed half-way
     tmp.mkdir(parents=True)
+    for rank, rng in enumerate(generators):
+        torch.save(rng, tmp / _rng_file(rank))
     for name in adapters:
         adapter_files.save_adapter(base, name, tmp / "adapters" / name)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.random.get_rng_state()
-    torch.save(rng, tmp / "rng_state.pth")  # transformers' own file name and format
     if write_more is not None:
         write_more(tmp)
     (tmp / "state.json").write_text(json.dumps(state) + "\n")  # last: folder() trusts a folder that has it
@@ -93,8 +99,13 @@ def restore(out: Path, base: SharedBase, adapters: list[str], optimizer: torch.o
     for name in adapters:
         adapter_files.fill_adapter(base, name, ckpt / "adapters" / name)
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=base.device, weights_only=True))
+    rng_file = ckpt / _rng_file(distributed.rank())
+    if not rng_file.is_file():  # made by another number of processes: the data shards differ anyway
+        log.warning("%s: no %s (the checkpoint was made by another number of processes); the random "
+                    "generators start afresh, so this run will not match an uninterrupted one", ckpt, rng_file.name)
+        return json.loads((ckpt / "state.json").read_text())
     with safe_globals():  # numpy's generator state is an array: allow just that in a weights-only load
-        rng = torch.load(ckpt / "rng_state.pth", weights_only=True)
+        rng = torch.load(rng_file, weights_only=True)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.random.set_rng_state(rng["cpu"])
@@ -105,8 +116,23 @@ def restore(out: Path, base: SharedBase, adapters: list[str], optimizer: torch.o
     return state
 
 
+def _rng_file(rank: int) -> str:
+    """transformers' own names: `rng_state.pth` for one process, `rng_state_<rank>.pth` for several."""
+    return f"rng_state_{rank}.pth" if distributed.world_size() > 1 else "rng_state.pth"
+
+
+def _rng_state() -> dict:
+    """Every random generator's state, in transformers' format."""
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.random.get_rng_state()
+    return rng
+
+
 def done(out: Path) -> None:
-    """The stage saved its adapter: its checkpoints are no longer needed."""
+    """The stage saved its adapter: its checkpoints are no longer needed (rank 0 deletes them)."""
+    if not distributed.is_main():
+        return
     for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
         shutil.rmtree(out / name, ignore_errors=True)
 
@@ -157,7 +183,8 @@ def train(trainer, base: SharedBase, adapter: str, out: Path):
 class JsonlLog(TrainerCallback):
     """The Trainer's log entries as JSON lines, flushed each step, so a killed run keeps them.
     `line(entry, i)` makes the i-th kept line from an entry, or None to skip it. On a resume the
-    file is rewritten from the checkpoint's history: the steps after it are done again."""
+    file is rewritten from the checkpoint's history: the steps after it are done again. Only rank 0
+    writes it under torchrun/accelerate (its log entries are the averages over all processes)."""
 
     def __init__(self, path: Path, line: Callable[[dict, int], dict | None] = lambda h, i: h):
         self.path, self.line, self.n = path, line, 0
@@ -171,12 +198,16 @@ class JsonlLog(TrainerCallback):
             self.n += 1
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
         self.file = self.path.open("w")
         for entry in state.log_history:
             self._write(entry)
 
     def on_log(self, args, state, control, **kwargs):
-        self._write(state.log_history[-1])  # the entry Trainer has just added: the same line a resume rewrites
+        if self.file is not None:
+            self._write(state.log_history[-1])  # the entry Trainer has just added: the same line a resume rewrites
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()

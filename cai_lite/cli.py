@@ -22,7 +22,7 @@ HELP = ("-h", "--help", "help")
 
 def main(argv: list[str] | None = None) -> int:
     # Imported here, not at the top: `cai_lite.recipe` is light, but pipeline pulls in torch.
-    from cai_lite import recipe
+    from cai_lite import distributed, recipe
     from cai_lite.constitution import ConstitutionError
     from cai_lite.data import DataError
     from cai_lite.typed_yaml import ConfigError
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         pipeline.setup_logging(cfg.log_level)
         results = pipeline.run(cfg)
     except ConfigError as e:
+        if not distributed.is_main():  # the checks are rank 0's; the launcher then ends the others
+            return 2
         print(f"cai_lite: {len(e.errors)} problem(s), nothing was run:", file=sys.stderr)
         for line in e.errors:
             print(f"  - {line}", file=sys.stderr)
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
               "resume (training continues from its last checkpoint, <stage>/checkpoint/; a redo that was under "
               "way puts the output it replaced back).", file=sys.stderr)
         return 130
-    print(pipeline.summary(cfg, results))
+    if distributed.is_main():  # under torchrun/accelerate the other processes trained too, but say nothing
+        print(pipeline.summary(cfg, results))
     return 0
 
 

@@ -467,4 +467,7 @@ def trl_args(cfg: Config, device_type: str, out: Path) -> dict:
                 seed=cfg.seed, use_cpu=not cuda, bf16=cuda and cfg.base.compute_dtype == "bfloat16",
                 gradient_checkpointing=cfg.base.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_pin_memory=False,
-                disable_tqdm=False)
+                disable_tqdm=False,
+                # Under torchrun/accelerate: every trainable weight (the one adapter trained) is in every
+                # forward, so DDP need not search the graph for unused ones each step.
+                ddp_find_unused_parameters=False)

@@ -1,4 +1,5 @@
-"""Run the selected stages in order, in one process, on one loaded base.
+"""Run the selected stages in order, in one process, on one loaded base (or, launched by torchrun or
+accelerate, the training stages data-parallel: one base per process, rank 0 alone writes; see distributed.py).
 
 Reads the resolved Config and each stage's previous `stage.json`; writes `runs/<run>/config.yaml`,
 one folder per stage, and in each, after the stage's outputs, `stage.json` with `stage`,
@@ -31,7 +32,7 @@ import torch
 import transformers
 import yaml
 
-from cai_lite import rundir
+from cai_lite import distributed, rundir
 from cai_lite.config import Config
 from cai_lite.stages import critique_revise, dpo, evaluate, export, label_preferences, ppo, reward_model, rloo, sft
 from cai_lite.typed_yaml import ConfigError
@@ -246,12 +247,28 @@ def run(cfg: Config) -> dict[str, dict]:
     """Run `cfg.stages` in one process on one loaded base; return each stage's stage.json.
 
     Everything that can be checked without a model is checked before the run dir is created or
-    anything in it is touched; then the run dir is locked for the rest of the run."""
+    anything in it is touched; then the run dir is locked for the rest of the run.
+
+    Launched as N processes (torchrun, accelerate: see distributed.py), rank 0 alone checks, locks
+    and writes, and hands its plan to the others; every process loads its base and runs the stage
+    (training stages only: others are refused before any model loads); the others return {}."""
+    distributed.start(cfg.base.device)
+    if distributed.is_main():
+        results = _checked_run(cfg)
+    else:  # waits for rank 0's plan; if rank 0 fails first, the launcher ends this process
+        results = _execute(cfg, distributed.from_main(None))
+    distributed.stop()  # on an error neither returns: the launcher ends the other processes
+    return results
+
+
+def _checked_run(cfg: Config) -> dict[str, dict]:
     if cfg.path.is_dir():
         with rundir.locked(cfg.path):
             for name in rundir.recover(cfg.path):
                 log.warning("%s: a redo of it did not finish; its finished output is back in place", name)
     decided = plan(cfg)
+    if refused := distributed.refusals(cfg.base.device, [n for n, a in decided.actions.items() if a == "run"]):
+        raise ConfigError(refused)
     if cfg.base.create in LAB_SIZES and "run" in decided.actions.values():
         from cai_lite.lab import pretrain
 
@@ -265,15 +282,17 @@ def run(cfg: Config) -> dict[str, dict]:
     preflight(cfg, decided.actions)
     with rundir.locked(cfg.path):
         decided = plan(cfg)  # again, now that no other process can finish a stage meanwhile
-        return _execute(cfg, decided)
+        return _execute(cfg, distributed.from_main(decided))
 
 
 def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
     from cai_lite import models, tiny
 
-    tmp = cfg.path / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    tmp.replace(cfg.path / "config.yaml")
+    main = distributed.is_main()  # under torchrun/accelerate only rank 0 writes; the others train and wait
+    if main:
+        tmp = cfg.path / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        tmp.replace(cfg.path / "config.yaml")
     results: dict[str, dict] = {}
     todo = [(name, s) for name, s in zip(NAMES, STAGES) if decided.actions.get(name) == "run"]
     for name in NAMES:
@@ -282,10 +301,11 @@ def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
             results[name] = read_stage_json(cfg, name)
     if not todo:
         return results
-    if cfg.base.create.startswith("tiny-") and not Path(cfg.base.model).exists():
+    if main and cfg.base.create.startswith("tiny-") and not Path(cfg.base.model).exists():
         arch = cfg.base.create.split("-", 1)[1]
         log.info("building tiny %s model at %s", arch, cfg.base.model)
         tiny.build_tiny_model(cfg.base.model, arch)
+    distributed.barrier()  # the others load the model rank 0 may have just built
     base = models.load_base(cfg)
     memory = _Memory(base.device)
     made_by = rundir.versions()
@@ -300,14 +320,16 @@ def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
         marker = out / ".resume_key"
         resumable = marker.is_file() and marker.read_text() == key and not (out / "stage.json").is_file()
         replaced = False
-        if out.exists() and (name in cfg.force or not resumable):
+        if main and out.exists() and (name in cfg.force or not resumable):
             if (out / "stage.json").is_file():
                 rundir.set_aside(out)  # put back if this redo fails: a finished output is never lost
                 replaced = True
             else:
                 shutil.rmtree(out)  # partial outputs of other settings or inputs: never mix them with new ones
-        out.mkdir(parents=True, exist_ok=True)
-        marker.write_text(key)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            marker.write_text(key)
+        distributed.barrier()  # every process sees the same folder: a checkpoint to resume from, or none
         token = current_stage.set(name)
         try:
             transformers.set_seed(cfg.seed)
@@ -315,7 +337,7 @@ def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
             start = time.perf_counter()
             log.info("start%s", " (resuming)" if resumable else "")
             metrics = stage.run(cfg, base, out)
-            if missing := [o for o in stage.OUTPUTS if not any(out.glob(o))]:
+            if main and (missing := [o for o in stage.OUTPUTS if not any(out.glob(o))]):
                 raise RuntimeError(f"{name}: finished without writing {', '.join(missing)} (its declared OUTPUTS)")
             record = {
                 "stage": name,
@@ -327,11 +349,13 @@ def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
                 "peak_memory_scope": scope,
                 "memory": models.memory_account(base),
                 "versions": made_by,
+                "processes": distributed.world_size(),  # data-parallel training processes (torchrun/accelerate)
                 **decided.snapshots[name],
                 **metrics,
             }
-            rundir.write_json(out / "stage.json", record)  # last: its presence means the stage finished
-            results[name] = record
+            if main:
+                rundir.write_json(out / "stage.json", record)  # last: its presence means the stage finished
+                results[name] = record
             log.info("done in %.1f s", record["seconds"])
         except BaseException:
             if replaced and rundir.put_back(out):
@@ -339,6 +363,7 @@ def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
             raise
         finally:
             current_stage.reset(token)
+        distributed.barrier()  # nobody reads this stage's outputs (the next stage does) before rank 0 wrote them
         if replaced:
             shutil.rmtree(rundir.backup_path(out))
     return results
@@ -355,12 +380,14 @@ class StageLogFilter(logging.Filter):
 def setup_logging(level: str) -> None:
     handler = logging.StreamHandler()
     handler.addFilter(StageLogFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(stage)s] %(message)s", "%H:%M:%S"))
+    # Under torchrun/accelerate the other ranks log only warnings, tagged with their rank: rank 0 tells the story.
+    rank = "" if distributed.is_main() else f"rank {distributed.rank()} "
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {rank}[%(stage)s] %(message)s", "%H:%M:%S"))
     # bitsandbytes warns on import that an optional CPU kernel package is missing; NF4 works without it.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     root = logging.getLogger("cai_lite")
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level if distributed.is_main() else max(logging.getLevelName(level), logging.WARNING))
     root.propagate = False
 
 

@@ -36,8 +36,13 @@ def _goods(rows, key):
 
 @pytest.fixture
 def stage(tmp_path, monkeypatch):
-    cfg = load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'run'}", "reward_model.epochs=2",
-                       "reward_model.batch_size=2", "reward_model.lr=0.3", "reward_model.eval_fraction=0.2",
+    return stubbed(tmp_path / "run", 2, monkeypatch)
+
+
+def stubbed(run, batch_size: int, monkeypatch) -> SimpleNamespace:
+    """The stage's config and its stubs (also for tests/test_multi_process.py, in each process)."""
+    cfg = load_config(["recipe=tiny_cpu", f"run_dir={run}", "reward_model.epochs=2",
+                       f"reward_model.batch_size={batch_size}", "reward_model.lr=0.3", "reward_model.eval_fraction=0.2",
                        "reward_model.max_seq_len=77"])
     w = torch.nn.Parameter(torch.zeros(()))
     calls, roles = [], []
@@ -69,7 +74,7 @@ def stage(tmp_path, monkeypatch):
     scored = []
 
     def score(b, ps, rs, batch_size, max_tokens):
-        assert b is BASE and (batch_size, max_tokens) == (2, 77)
+        assert b is BASE and (batch_size, max_tokens) == (cfg.reward_model.batch_size, 77)
         scored.append((ps, rs))
         return torch.arange(len(ps), dtype=torch.float)
 

@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import DPOConfig, DPOTrainer
 
-from cai_lite import adapter_files, checkpoint, data, models, rundir
+from cai_lite import adapter_files, checkpoint, data, distributed, models, rundir
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -71,7 +71,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         max_length=dc.max_seq_len,
     )
     resumed = checkpoint.steps_done(checkpoint.folder(out))
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1)  # drop what is done again
+    # purge_step drops what is done again. Under torchrun/accelerate only rank 0 writes logs and files.
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1) if distributed.is_main() else None
     with models.trl_policy(base, "sft") as model:
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=base.tokenizer,
@@ -80,7 +81,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
                                                             lambda h, i: h if "rewards/margins" in h else None),
                                         checkpoint.TrainerCheckpoints(out, base, "default", dc.save_every)])
         checkpoint.train(trainer, base, "default", out)
-        adapter_files.save_adapter(base, "default", out / "adapter")
+        if distributed.is_main():
+            adapter_files.save_adapter(base, "default", out / "adapter")
     checkpoint.done(out)
     history = [h for h in trainer.state.log_history if "rewards/margins" in h]
     margins = [h["rewards/margins"] for h in history]

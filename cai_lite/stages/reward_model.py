@@ -2,6 +2,10 @@
 judge's soft labels with the Bradley-Terry cross-entropy (CAI §4.1). TRL's RewardTrainer takes no
 soft labels, so the loop is ours: it is short.
 
+Under torchrun/accelerate (N processes) a step takes N x `reward_model.batch_size` pairs, each
+process scores its share and the gradients are summed over processes (data-parallel, as DDP does);
+rank 0 alone writes.
+
 Reads `label_preferences/part-*.jsonl` (rows with p_a; failed labels are skipped and counted).
 Writes `reward_model/adapter/` (PEFT folder + head.safetensors), `reward_model/reward_stats.json`
 (mean/std of scores on the training responses, for normalising RL rewards), `log.jsonl` (flushed
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -22,7 +27,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from cai_lite import adapter_files, checkpoint, data, generation, losses, models, rollout, rundir
+from cai_lite import adapter_files, checkpoint, data, distributed, generation, losses, models, rollout, rundir
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -89,45 +94,57 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     models.add_adapter(base, "reward")
     models.add_head(base, "reward")
     params = models.adapter_parameters(base, "reward")
+    distributed.same_as_main(params)  # every process starts from rank 0's initial weights
     opt = torch.optim.AdamW(params, lr=rm.lr, weight_decay=0.0)
-    batches = [train[i:i + rm.batch_size] for e in range(rm.epochs)
-               for i in range(0, len(train), rm.batch_size)]
+    n = distributed.world_size()  # one process: a step is reward_model.batch_size pairs, as ever
+    batches = [train[i:i + rm.batch_size * n] for e in range(rm.epochs)
+               for i in range(0, len(train), rm.batch_size * n)]
+    batches = [b for b in batches if len(b) >= n]  # every process needs a pair (drops < n pairs an epoch)
     # After the optimizer exists: the checkpoint restores it with the weights and the random generators.
     resumed = checkpoint.restore(out, base, ["reward"], opt) or {"step": 0, "history": []}
     start, history = resumed["step"], resumed["history"]
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start)  # drop what is done again
-    with models.role(base, "reward", trainable=True) as model, (out / "log.jsonl").open("w") as log_file:
+    # Only rank 0 writes: the other processes log to nowhere.
+    main = distributed.is_main()
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start) if main else None  # drop what is done again
+    log_path = out / "log.jsonl" if main else Path(os.devnull)
+    with models.role(base, "reward", trainable=True) as model, log_path.open("w") as log_file:
         log_file.writelines(json.dumps(h) + "\n" for h in history)
         model.train()
-        bar = tqdm(batches[start:], desc="reward model", initial=start, total=len(batches))
-        for step, chunk in enumerate(bar, start):
+        bar = tqdm(batches[start:], desc="reward model", initial=start, total=len(batches), disable=not main)
+        for step, rows in enumerate(bar, start):
+            chunk = distributed.share(rows)
             r_a, r_b = pair_scores(base, chunk, rm.max_seq_len)
             p = torch.tensor([r["p_a"] for r in chunk], device=r_a.device)
-            loss = loss_fn(cfg, r_a, r_b, p)
+            # Weighted by this process's share, so the summed gradient is that of the mean over the step's pairs.
+            loss = loss_fn(cfg, r_a, r_b, p) * (len(chunk) / len(rows))
             opt.zero_grad()
             loss.backward()
+            distributed.sum_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            history.append({"step": step, "loss": loss.item()})
+            history.append({"step": step, "loss": distributed.total(loss).item()})
             log_file.write(json.dumps(history[-1]) + "\n")
             log_file.flush()
-            writer.add_scalar("reward_model/loss", loss.item(), step)
+            if writer:
+                writer.add_scalar("reward_model/loss", history[-1]["loss"], step)
             if checkpoint.due(step + 1, rm.save_every, len(batches)):
                 checkpoint.save(out, base, ["reward"], opt, {"step": step + 1, "history": history})
         model.eval()
     models.freeze(base, "reward")
     evaluation = evaluate_pairs(base, held, rm.batch_size, rm.max_seq_len)
     for key in ("accuracy", "brier"):
-        if evaluation[key] is not None:
+        if writer and evaluation[key] is not None:
             writer.add_scalar(f"reward_model/eval_{key}", evaluation[key], len(history))
-    writer.close()
+    if writer:
+        writer.close()
     scores = rollout.score(base, [r["prompt"][-1]["content"] for r in train for _ in (0, 1)],
                            [r[k] for r in train for k in ("response_a", "response_b")], rm.batch_size, rm.max_seq_len)
     stats = {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 1.0}
-    adapter_files.save_adapter(base, "reward", out / "adapter")
+    if main:
+        adapter_files.save_adapter(base, "reward", out / "adapter")
+        (out / "reward_stats.json").write_text(json.dumps(stats) + "\n")
     checkpoint.done(out)
     base.sources["reward"] = str((out / "adapter").resolve())
-    (out / "reward_stats.json").write_text(json.dumps(stats) + "\n")
     acct = models.memory_account(base)
     k = max(1, len(history) // 5)
     metrics = {

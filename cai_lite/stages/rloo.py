@@ -28,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import RLOOConfig, RLOOTrainer
 
-from cai_lite import adapter_files, checkpoint, data, models, rollout, rundir
+from cai_lite import adapter_files, checkpoint, data, distributed, models, rollout, rundir
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -64,7 +64,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         ps = [p[-1]["content"] for p in prompts]
         cs = [c[-1]["content"] for c in completions]
         raw = rollout.score(base, ps, cs, g.batch_size, g.max_prompt_tokens + rc.max_new_tokens)
-        raw_means.append(raw.mean().item())
+        # Over every process's completions (TRL calls this on each, with as many): the step's mean, as one process logs it.
+        raw_means.append(distributed.total(raw.mean()).item() / distributed.world_size())
         score = (raw - stats["mean"]) / (stats["std"] + 1e-8)
         no_eos = torch.tensor(rollout.missing_eos(completion_ids, eos), dtype=score.dtype)
         return (score - rc.missing_eos_penalty * no_eos).tolist()
@@ -72,7 +73,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     red = data.read_optional(rc.prompts, 0, cfg.data.max_prompt_chars) if rc.prompts else data.prompt_split(cfg).train
     prompts = [p.text for p in red + data.read_optional(rc.helpful_prompts, rc.helpful_limit, cfg.data.max_prompt_chars)]
     random.Random(cfg.seed).shuffle(prompts)  # so a short run still sees both kinds of prompt
-    needed = rc.steps * rc.batch_size
+    needed = rc.steps * rc.batch_size * distributed.world_size()  # each process takes rloo.batch_size prompts a step
     rows = [{"prompt": [{"role": "user", "content": prompts[i % len(prompts)]}]} for i in range(needed)]
     args = RLOOConfig(
         **trl_args(cfg, base.device.type, out),
@@ -87,7 +88,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         disable_dropout=True,
         max_steps=rc.steps,
     )
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1)  # drop what is done again
+    # purge_step drops what is done again. Under torchrun/accelerate only rank 0 writes logs and files.
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1) if distributed.is_main() else None
     # TRL generates once per optimizer step here (steps_per_generation = gradient_accumulation_steps = 1),
     # so the i-th step's log goes with the i-th reward call, also after a resume.
     with models.trl_policy(base, "sft") as model:
@@ -99,7 +101,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
                                          checkpoint.TrainerCheckpoints(out, base, "default", rc.save_every,
                                                                        lambda: {"raw_means": raw_means})])
         checkpoint.train(trainer, base, "default", out)
-        adapter_files.save_adapter(base, "default", out / "adapter")
+        if distributed.is_main():
+            adapter_files.save_adapter(base, "default", out / "adapter")
     checkpoint.done(out)
     history = [h for h in trainer.state.log_history if "reward" in h]
     k = max(1, min(3, len(raw_means) // 3))

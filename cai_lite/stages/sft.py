@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig, SFTTrainer
 
-from cai_lite import adapter_files, checkpoint, data, models, rundir
+from cai_lite import adapter_files, checkpoint, data, distributed, models, rundir
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -80,7 +80,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     resumed = checkpoint.steps_done(ckpt)
     tokens_before = max((h.get("num_tokens", 0) for h in checkpoint.logged(ckpt)), default=0)
     # purge_step: TensorBoard drops what a killed run logged after its checkpoint (Trainer counts from 1).
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1)
+    # Only rank 0 writes logs and files when torchrun/accelerate start several processes.
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1) if distributed.is_main() else None
     with models.role(base, "sft", trainable=True) as model:
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                              processing_class=base.tokenizer,
@@ -89,7 +90,8 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         trainer._total_train_tokens = int(tokens_before)  # TRL counts tokens outside the state a resume restores
         result = checkpoint.train(trainer, base, "sft", out)
     base.model.eval()
-    adapter_files.save_adapter(base, "sft", out / "adapter")
+    if distributed.is_main():
+        adapter_files.save_adapter(base, "sft", out / "adapter")
     checkpoint.done(out)
     base.sources["sft"] = str((out / "adapter").resolve())
     history = trainer.state.log_history
