@@ -14,21 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import random
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 
 import pytest
 from conftest import tiny_config
-from test_judge_load import Proxy, _free_port
+from test_judge_load import Proxy, _free_port, llama_server
 from transformers import AutoTokenizer
 
 from cai_lite import data, generation, generation_http, models, pipeline
 from cai_lite.stages import evaluate
 from cai_lite.config import GenerationSettings
-from cai_lite.gguf_export import export_gguf
 from cai_lite.recipe import load_config
 from cai_lite.typed_yaml import ConfigError
 
@@ -39,30 +34,7 @@ SMALL = ["stages=[critique_revise]", "critique_revise.rounds=1", "data.limit=4",
 @pytest.fixture(scope="module")
 def server(sharp_llama, tmp_path_factory):
     """llama_cpp.server on an f32 GGUF of the sharp tiny model, as tests/test_judge_load.py starts it."""
-    try:
-        import llama_cpp.server.app  # noqa: F401  (fastapi, uvicorn, sse-starlette: the `server` extra)
-    except ImportError as e:
-        pytest.skip(f"llama-cpp-python's server extra is not installed ({e}): pip install -e '.[server]'")
-    gguf = export_gguf(sharp_llama, tmp_path_factory.mktemp("gguf") / "sharp-f32.gguf", "f32")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/models", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("llama_cpp.server did not start") from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    yield from llama_server(sharp_llama, tmp_path_factory)
 
 
 def _shape(x):

@@ -47,9 +47,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(sharp_llama, tmp_path_factory):
-    """llama_cpp.server on an f32 GGUF of the sharp tiny model (as tests/test_judges.py starts it)."""
+def llama_server(sharp_llama, tmp_path_factory, *extra: str):
+    """Yields the /v1 URL of a `python -m llama_cpp.server` on 127.0.0.1 serving an f32 GGUF of the
+    sharp tiny model, with `extra` server flags; skips when the `server` extra is not installed."""
     try:
         import llama_cpp.server.app  # noqa: F401  (fastapi, uvicorn, sse-starlette: the `server` extra)
     except ImportError as e:
@@ -57,7 +57,7 @@ def server(sharp_llama, tmp_path_factory):
     gguf = export_gguf(sharp_llama, tmp_path_factory.mktemp("gguf") / "sharp-f32.gguf", "f32")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "2048", "--logits_all", "true", "--n_threads", "1"],
+                             "--port", str(port), "--n_ctx", "2048", "--n_threads", "1", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -74,6 +74,12 @@ def server(sharp_llama, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(sharp_llama, tmp_path_factory):
+    """The judge's server: log-probs at every position (`--logits_all`)."""
+    yield from llama_server(sharp_llama, tmp_path_factory, "--logits_all", "true")
 
 
 class Proxy(ThreadingHTTPServer):
