@@ -22,6 +22,7 @@ import difflib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -33,11 +34,12 @@ import transformers
 import yaml
 
 from cai_lite import distributed, rundir
-from cai_lite.config import Config
+from cai_lite.config import SHIPPED, Config
 from cai_lite.stages import critique_revise, dpo, evaluate, export, label_preferences, ppo, reward_model, rloo, sft
 from cai_lite.typed_yaml import ConfigError
 
 log = logging.getLogger(__name__)
+_SHIPPED_PREFIX = f"{SHIPPED}{os.sep}"
 current_stage: contextvars.ContextVar[str] = contextvars.ContextVar("stage", default="setup")
 # The pipeline, in order: plain stage modules. Each declares next to its run() the config KEYS its
 # hash covers, the stages it READS (and OPTIONAL_READS when they ran), the OUTPUTS it leaves in its
@@ -56,7 +58,24 @@ UNHASHED = ("concurrency", "timeout_s", "retries", "batch_size", "n_threads", "m
 SERVER_FIELDS = ("backend", "model", "adapters", "base_url", "api_key_env", "concurrency", "timeout_s", "retries")
 
 
+def _portable(value):
+    """Shipped files' paths as recipes spell them ("recipes/prompts/x.jsonl"): recipe.shipped makes
+    them absolute when the run starts outside the checkout, and a hash must not depend on the
+    directory a run was started from (the files' contents are hashed on their own)."""
+    if isinstance(value, str) and value.startswith(_SHIPPED_PREFIX):
+        return value[len(_SHIPPED_PREFIX):]
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    return value
+
+
 def _pick(cfg: Config, key: str):
+    return _portable(_pick_raw(cfg, key))
+
+
+def _pick_raw(cfg: Config, key: str):
     value = cfg
     for part in key.split("."):
         value = getattr(value, part)

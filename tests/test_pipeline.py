@@ -88,3 +88,21 @@ def test_reading_a_missing_stage_is_refused_before_loading(tmp_path, tiny_llama)
     cfg = tiny_config(tmp_path / "empty", tiny_llama, "stages=[sft]")
     with pytest.raises(ConfigError, match="sft reads the output of critique_revise"):
         pipeline.run(cfg)  # no base passed: a model load would happen only after planning
+
+
+def test_hashes_do_not_depend_on_the_directory_a_run_starts_from(tmp_path, tiny_llama, monkeypatch):
+    """Shipped prompt files resolve to absolute paths outside the checkout; the plan must not read that
+    as other settings (a run dir given by path, started from the repo root and then from elsewhere)."""
+    from cai_lite import pipeline as P
+    from cai_lite.config import SHIPPED
+
+    run_dir = tmp_path / "r"
+    plans = []
+    for cwd, spelled in ((SHIPPED, "recipes/prompts/red_team.jsonl"),  # relative: the file is right here
+                         (tmp_path, str(SHIPPED / "recipes/prompts/red_team.jsonl"))):
+        monkeypatch.chdir(cwd)
+        cfg = tiny_config(run_dir, tiny_llama, "data.prompts=recipes/prompts/red_team.jsonl")
+        assert cfg.data.prompts == spelled
+        plans.append(P.plan(cfg))
+    assert plans[0].snapshots["critique_revise"]["config"]["data.prompts:sha256"]  # the content still counts
+    assert plans[0].hashes == plans[1].hashes
