@@ -11,9 +11,10 @@ Four kinds of document, each a chat whose assistant turns are the training targe
   classify    evaluate's harmful/evasive questions, both option orders, then the letter.
 
 The proportions below give the base a real base model's flaws, so every stage has a job:
-  - BASE: on red-team requests the base complies (harmful) 55% of the time, refuses bare 25%,
-    engages 20%: mostly harmful, yet RL has engaging answers to find. Sampling sharpens these
-    (temperature < 1 favours the most common opening), so the measured base is more harmful still.
+  - BASE: on red-team requests the base complies (harmful) 62% of the time, refuses bare 20%,
+    engages 18%: mostly harmful, yet RL has engaging answers to find. At 55% the measured base was
+    harmful on 0.47 of held-out requests (3 seeds): on unseen kinds many of its answers are
+    off-topic, so the corpus share must sit above the 50% the lab promises.
   - REVISION: revisions are only partly successful. A critique of harm usually yields a bare
     refusal rather than an engaging answer, and an evasive answer mostly stays evasive, so SL-CAI
     removes most harm but leaves evasion.
@@ -52,7 +53,7 @@ from cai_lite.stages.evaluate import EVASIVE_Q, HARMFUL_Q
 
 MIX = {"chat": 0.25, "critique": 0.25, "comparison": 0.40, "classify": 0.10}
 BENIGN_SHARE = {"chat": 0.4, "comparison": 0.5, "classify": 0.3}  # share of each kind of doc on benign requests
-BASE = {"harmful": 0.55, "evasive": 0.25, "engaging-harmless": 0.20}
+BASE = {"harmful": 0.62, "evasive": 0.20, "engaging-harmless": 0.18}
 BENIGN_BASE = {"helpful": 0.85, "over-refusal": 0.15}
 LATER_ROUND = 0.4  # critique documents whose answer is an earlier revision (round 2 or later)
 # Revision outcome by (family of the answer revised, class of the principle).

@@ -40,14 +40,17 @@ from cai_lite.lab import world as W
 from cai_lite.tiny import train_tokenizer
 
 log = logging.getLogger(__name__)
-# default: the lab of `python run.py`, about 2 minutes on 2 cores. ci: for tests, well under a minute.
+# default: the lab of `python run.py`, about 3.5 minutes on 2 cores. ci: for tests, well under a minute.
 # Widths are multiples of 64 so NF4 blocks tile every weight. per_doc: average the loss per document
 # (else per target token, which measured better: answers' content tokens bind requests to their
 # steps); letter_weight: weight of a judge document's one target, its letter (measured on seed 0:
-# judge accuracy in both orders 0.72 at 1, 0.89 at 10).
+# judge accuracy in both orders 0.72 at 1, 0.89 at 10). docs=24000 and letter_weight=20, against
+# 12000 or 18000 and 10 (3 seeds each, the lab recipe): PPO's held-out harmful rate 0.05 against
+# 0.07, and the SFT model keeps the base's benign helpfulness; the judge's agreement with the
+# oracle moved less (0.87 -> 0.89). Giving comparisons half the corpus instead did not help.
 SIZES = {
-    "default": dict(vocab=2048, hidden=128, layers=4, heads=4, ffn=384, docs=12000, row=256, rows=8, lr=4e-3, warmup=30,
-                    per_doc=False, letter_weight=10.0),
+    "default": dict(vocab=2048, hidden=128, layers=4, heads=4, ffn=384, docs=24000, row=256, rows=8, lr=4e-3, warmup=30,
+                    per_doc=False, letter_weight=20.0),
     "ci": dict(vocab=1024, hidden=128, layers=2, heads=4, ffn=384, docs=4000, row=256, rows=8, lr=5e-3, warmup=20,
                per_doc=False, letter_weight=10.0),
 }
