@@ -15,7 +15,8 @@ import json
 import logging
 import time
 
-from cai_lite.lab import measure, pretrain
+import lab_measure as measure  # beside this file
+from cai_lite.lab import pretrain
 
 
 def main() -> None:

@@ -22,9 +22,12 @@ The proportions below give the base a real base model's flaws, so every stage ha
     the reviser, which is what lets RL-CAI remove the evasion SL-CAI left.
   - BENIGN_BASE: benign requests get helpful answers 85% of the time, so the helpful mix
     (critique_revise.helpful_prompts) has good answers to keep; the other 15% are over-refusals, a
-    third of them a harmful request's engaging refusal misplaced (world.respond). The SL-CAI model
+    third of them the engaging refusal of the harmful twin misplaced (world.respond). The SL-CAI model
     inherits them, so label_preferences' benign pairs show the judge and the reward model that such
     an answer loses to a helpful one, which keeps RL from learning to refuse everything.
+  - PAIR_SHARE: half of the benign documents are minimal pairs (a covert act on the asker's own
+    thing or with permission), so the words of a request's act and object never decide its answer:
+    only its owner and consent do.
   - MIX: 40% of documents are comparisons, because the judge reads two whole answers to emit one
     letter, the hardest thing the base must learn (pretrain.py also weights that letter up). Half
     of them are on benign requests (BENIGN_SHARE): with fewer the judge learnt "the compliant
@@ -33,7 +36,7 @@ The proportions below give the base a real base model's flaws, so every stage ha
     answers evaluate's "is it harmful?" with its prior (P(yes) about 0.2 for every answer). Raising
     them to 15% taught it to read the answer but cost the comparisons (agreement with the oracle
     0.93 -> 0.83, and benign helpfulness after PPO fell), so the comparisons keep priority.
-Only training forms of training kinds appear; held-out forms and kinds never do.
+Only training requests appear: no held-out frame, combination, consent flip or the control object.
 
 Reads the world and the constitution; writes nothing (pretrain.py tokenizes the documents).
 
@@ -49,12 +52,12 @@ from dataclasses import dataclass
 from cai_lite import constitution as C
 from cai_lite import data
 from cai_lite.lab import world as W
-from cai_lite.stages.evaluate import EVASIVE_Q, HARMFUL_Q
 
 MIX = {"chat": 0.25, "critique": 0.25, "comparison": 0.40, "classify": 0.10}
 BENIGN_SHARE = {"chat": 0.4, "comparison": 0.5, "classify": 0.3}  # share of each kind of doc on benign requests
 BASE = {"harmful": 0.62, "evasive": 0.20, "engaging-harmless": 0.18}
 BENIGN_BASE = {"helpful": 0.85, "over-refusal": 0.15}
+PAIR_SHARE = 0.5
 LATER_ROUND = 0.4  # critique documents whose answer is an earlier revision (round 2 or later)
 # Revision outcome by (family of the answer revised, class of the principle).
 REVISION = {
@@ -119,19 +122,24 @@ def build(world: W.World, const: C.Constitution, tokenizer, n_docs: int, seed: i
         W.principle_class(p.id)  # every principle needs a class, or verdicts would be guesses
     rng = random.Random(f"lab-corpus:{seed}")
     red, benign = world.requests("train", harmful=True), world.requests("train", harmful=False)
+    pairs = [q for q in benign if world.act(q.act).covert]
+    plain = [q for q in benign if not world.act(q.act).covert]
     r = Renderer(tokenizer)
     makers = {"chat": _chat, "critique": _critique, "comparison": _comparison, "classify": _classify}
     out = []
     for _ in range(n_docs):
         kind = _pick(MIX, rng)
-        pool = benign if kind != "critique" and rng.random() < BENIGN_SHARE[kind] else red
-        out.append(makers[kind](world, const, r, rng.choice(pool), rng))
+        if kind != "critique" and rng.random() < BENIGN_SHARE[kind]:
+            req = rng.choice(pairs if rng.random() < PAIR_SHARE else plain)
+        else:
+            req = rng.choice(red)
+        out.append(makers[kind](world, const, r, req, rng))
     return out
 
 
 def _base_answer(world: W.World, req: W.Request, rng: random.Random) -> tuple[str, str]:
     family = _pick(BASE if req.harmful else BENIGN_BASE, rng)
-    return family, W.respond(world, req.kind, family, rng)
+    return family, W.respond(world, req, family, rng)
 
 
 def _chat(world, const, r: Renderer, req: W.Request, rng: random.Random) -> Doc:
@@ -145,12 +153,12 @@ def _critique(world, const, r: Renderer, req: W.Request, rng: random.Random) -> 
     if rng.random() < LATER_ROUND:  # the answer is an earlier round's revision, which the base did not write
         earlier = W.principle_class(rng.choice(const.critique_revision).id)
         family = _pick(REVISION[(family, earlier)], rng)
-        answer = W.respond(world, req.kind, family, rng)
+        answer = W.respond(world, req, family, rng)
         targets = [3, 5]
     principle = rng.choice(const.critique_revision)
     cls = W.principle_class(principle.id)
-    crit = W.critique(world, req.kind, cls, family, rng)
-    revision = W.respond(world, req.kind, _pick(REVISION[(family, cls)], rng), rng)
+    crit = W.critique(world, req, cls, family, rng)
+    revision = W.respond(world, req, _pick(REVISION[(family, cls)], rng), rng)
     msgs = C.revision_messages(const, req.text, answer, principle, crit, 0, False)
     return r.doc("critique", msgs + [{"role": "assistant", "content": revision}], targets)
 
@@ -159,7 +167,7 @@ def _comparison(world, const, r: Renderer, req: W.Request, rng: random.Random) -
     fa, fb = _pick(PAIRS[req.harmful], rng)
     if rng.random() < 0.5:
         fa, fb = fb, fa
-    a, b = W.respond(world, req.kind, fa, rng), W.respond(world, req.kind, fb, rng)
+    a, b = W.respond(world, req, fa, rng), W.respond(world, req, fb, rng)
     # Benign pairs are judged mostly under the helpfulness principle, as label_preferences and
     # evaluate ask about them; the constitution's principles still appear, so its harm-only ones tie.
     principles = list(const.preference) + ([C.HELPFUL_PRINCIPLE] * 2 * len(const.preference) if not req.harmful else [])
@@ -173,9 +181,9 @@ def _comparison(world, const, r: Renderer, req: W.Request, rng: random.Random) -
 
 def _classify(world, const, r: Renderer, req: W.Request, rng: random.Random) -> Doc:
     family = rng.choice(list(BASE) if req.harmful else list(BENIGN_BASE))
-    answer = W.respond(world, req.kind, family, rng)
-    question = rng.choice((HARMFUL_Q, EVASIVE_Q))
-    yes = family == "harmful" if question == HARMFUL_Q else family in ("evasive", "over-refusal")
+    answer = W.respond(world, req, family, rng)
+    question = rng.choice((C.HARMFUL_Q, C.EVASIVE_Q))
+    yes = family == "harmful" if question == C.HARMFUL_Q else family in ("evasive", "over-refusal")
     options = ["Yes", "No"] if rng.random() < 0.5 else ["No", "Yes"]
     letter = "AB"[options.index("Yes" if yes else "No")]
     msgs = C.classification_messages(data.conversation_text(req.text, answer), question, options)

@@ -54,7 +54,7 @@ SIZES = {
     "ci": dict(vocab=1024, hidden=128, layers=2, heads=4, ffn=384, docs=4000, row=256, rows=8, lr=5e-3, warmup=20,
                per_doc=False, letter_weight=10.0),
 }
-_SOURCES = ("kinds.py", "world.py", "corpus.py", "pretrain.py")
+_SOURCES = ("parts.py", "world.py", "corpus.py", "pretrain.py")
 
 
 def cache_root() -> Path:

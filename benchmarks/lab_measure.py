@@ -1,11 +1,11 @@
-"""Measure a lab model with the oracle, through the pipeline's own code: the model is loaded by
+"""Measure a pretrained lab model with the oracle, through the pipeline's own code: the model is loaded by
 `models.load_base`, answers come from `generation.generate`, verdicts from a `judges.LocalJudge`,
 and critiques and revisions are built as critique_revise builds them. Used to calibrate the world
 (benchmarks/lab_pretrain.py) and by tests; no stage depends on it.
 
 Reads a lab model folder (with its `lab_world.json`); writes nothing.
 
-    python -c "from cai_lite.lab import measure; print(measure.report('path/to/lab-model'))"
+    python -c "import lab_measure; print(lab_measure.report('path/to/lab-model'))"   # from benchmarks/
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from cai_lite import data, generation, judges, models
 from cai_lite.lab import world as W
 from cai_lite.lab.oracle import Oracle
 from cai_lite.recipe import load_config
-from cai_lite.stages.evaluate import EVASIVE_Q, HARMFUL_Q
 
 
 def load(path, quantization: str = "none", max_new_tokens: int = 64, temperature: float = 0.7) -> models.SharedBase:
@@ -80,7 +79,7 @@ def judge(base: models.SharedBase, world: W.World, const: C.Constitution, reques
     for r in requests:
         fams = ("harmful", "evasive", "engaging-harmless") if r.harmful else ("helpful", "over-refusal")
         for fa, fb in itertools.combinations(fams, 2):
-            a, b = W.respond(world, r.kind, fa, rng), W.respond(world, r.kind, fb, rng)
+            a, b = W.respond(world, r, fa, rng), W.respond(world, r, fb, rng)
             for pr in const.preference:
                 for x, y, first in ((a, b, True), (b, a, False)):
                     prompts.append(judges.ChoicePrompt(C.comparison_messages(data.conversation_text(r.text), pr.text, x, y),
@@ -109,9 +108,9 @@ def classification(base: models.SharedBase, world: W.World, requests: list[W.Req
     prompts, want = [], []
     for r in requests:
         for fam in ("harmful", "evasive", "engaging-harmless") if r.harmful else ("helpful", "over-refusal"):
-            conv = data.conversation_text(r.text, W.respond(world, r.kind, fam, rng))
-            for q in (HARMFUL_Q, EVASIVE_Q):
-                yes = fam == "harmful" if q == HARMFUL_Q else fam in ("evasive", "over-refusal")
+            conv = data.conversation_text(r.text, W.respond(world, r, fam, rng))
+            for q in (C.HARMFUL_Q, C.EVASIVE_Q):
+                yes = fam == "harmful" if q == C.HARMFUL_Q else fam in ("evasive", "over-refusal")
                 for opts in (["Yes", "No"], ["No", "Yes"]):
                     prompts.append(judges.ChoicePrompt(C.classification_messages(conv, q, opts), C.COMPARISON_PREFILL))
                     want.append(opts.index("Yes" if yes else "No"))
@@ -129,10 +128,10 @@ def report(path, requests_per_split: int = 64, quantization: str = "none", seed:
         reqs = world.requests(split, harmful)
         return rng.sample(reqs, min(requests_per_split, len(reqs)))
 
-    red_forms, red_kinds, benign_forms = pick("held_out_form", True), pick("held_out_kind", True), pick("held_out_form", False)
+    red_forms, red_combos, benign_forms = pick("held_out_form", True), pick("held_out_combo", True), pick("held_out_form", False)
     return {
         "base_red_held_out_forms": behaviour(base, oracle, red_forms),
-        "base_red_held_out_kinds": behaviour(base, oracle, red_kinds),
+        "base_red_held_out_combos": behaviour(base, oracle, red_combos),
         "base_benign_held_out_forms": behaviour(base, oracle, benign_forms),
         "sl_cai_2_rounds": sl_cai(base, world, const, oracle, red_forms, 2, seed),
         "judge_held_out_forms": judge(base, world, const, red_forms[:24] + benign_forms[:8], seed),
