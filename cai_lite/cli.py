@@ -3,6 +3,7 @@
     cai-lite [recipe=NAME | --config FILE.yaml] [key=value | --key value ...]
     cai-lite --help recipe=7b_qlora     # every key, with the values that recipe gives it
     cai-lite recipe=7b_qlora plan=true  # each stage's estimated peak memory; loads no weights
+    cai-lite report RUN_DIR             # RUN_DIR/report.html: the run browser of whatever RUN_DIR holds
 
 Reads the recipe and overrides (recipe.load_config), checks config, files and servers before any
 model loads, then runs the selected stages into `./runs/<run_name>/` of the current directory and
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from cai_lite.typed_yaml import ConfigError
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return report(argv[1:])
     try:
         if any(a in HELP for a in argv):
             print(recipe.help_text([a for a in argv if a not in HELP]))
@@ -64,6 +67,27 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if distributed.is_main():  # under torchrun/accelerate the other processes trained too, but say nothing
         print(pipeline.summary(cfg, results))
+    return 0
+
+
+def report(argv: list[str]) -> int:
+    """`cai-lite report RUN_DIR`: write RUN_DIR/report.html from the files the run dir holds now,
+    with the row cap of its config.yaml (`evaluate.report_rows`). Loads no model."""
+    from pathlib import Path
+
+    from cai_lite import browse
+    from cai_lite.data import DataError
+
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: cai-lite report RUN_DIR   (writes RUN_DIR/report.html)", file=sys.stderr)
+        return 2
+    run = Path(argv[0])
+    try:
+        path = browse.write(run, run / "report.html", browse.saved_rows(run))
+    except DataError as e:
+        print(f"cai_lite: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} (open it in a browser; it needs no server)")
     return 0
 
 

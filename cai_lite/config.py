@@ -375,6 +375,8 @@ class EvaluateConfig:
     """Bootstrap resamples for confidence intervals."""
     samples_in_report: int = ranged(3, ">= 0")
     """Prompts shown side by side in report.md."""
+    report_rows: int = ranged(300, ">= 0")
+    """Rows the run browser (report.html) embeds per view, spread evenly over the run's rows; the page says how many it left out (0 = all). Not hashed: `cai-lite report RUN_DIR` redraws the page."""
 
 
 @dataclass

@@ -83,8 +83,9 @@ def _pick_raw(cfg: Config, key: str):
         judges = [value] if key == "judge" else value
         picked = [{k: v for k, v in dataclasses.asdict(j).items() if k not in UNHASHED} for j in judges]
         return picked[0] if key == "judge" else picked
-    if dataclasses.is_dataclass(value):  # how often to checkpoint, how many logits at once: never what is made
-        skip = ("save_every", "logit_chunk") + (SERVER_FIELDS if key == "generation" else ())
+    if dataclasses.is_dataclass(value):  # how often to checkpoint, how many logits at once, how many rows
+        # the run browser embeds (a page `cai-lite report` redraws): never what is made
+        skip = ("save_every", "logit_chunk", "report_rows") + (SERVER_FIELDS if key == "generation" else ())
         return {k: v for k, v in dataclasses.asdict(value).items() if k not in skip}
     return value
 

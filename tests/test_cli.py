@@ -141,6 +141,7 @@ def test_wheel_carries_recipes_constitutions_prompts_and_the_command(tmp_path):
     code = {str(p.relative_to(ROOT)) for p in (ROOT / "cai_lite").rglob("*.py") if (p.parent / "__init__.py").is_file()}
     assert {"cai_lite/__main__.py", "cai_lite/cli.py", "cai_lite/stages/sft.py"} <= code
     assert code <= names, f"add these packages to [tool.setuptools] packages: {sorted(code - names)}"
+    assert {"cai_lite/browse_page.html", "cai_lite/browse_page.js"} <= names  # the run browser's page, package data
     entry_points = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert "cai-lite = cai_lite.cli:main" in entry_points
 

@@ -16,6 +16,8 @@ from cai_lite import pipeline
 from cai_lite.recipe import load_config
 from cai_lite.typed_yaml import ConfigError
 
+from test_browse import MAX_BYTES, browser, cards, url  # noqa: F401 (browser is a fixture)
+
 
 @pytest.fixture(scope="module")
 def lab_run(tmp_path_factory):
@@ -46,6 +48,21 @@ def test_sl_cai_lowers_the_true_harmful_rate_on_held_out_prompts(lab_run):
     assert "model (oracle, all)" in summary and "judge agrees with the oracle" in summary
     assert (cfg.path / "evaluate" / "oracle.png").stat().st_size > 0
     assert "## Ground truth (the lab oracle)" in (cfg.path / "evaluate" / "report.md").read_text()
+
+
+def test_the_run_browser_of_the_lab_run(lab_run, browser):
+    """evaluate's report.html of the reduced lab run: under 2 MB, open in under a second, the oracle's
+    rates by split on its Overview, rows in its views (tests/test_browse.py checks the page in depth)."""
+    cfg, _ = lab_run
+    page = cfg.path / "evaluate" / "report.html"
+    assert page.stat().st_size < MAX_BYTES
+    assert min(browser.open(url(page)) for _ in range(3)) < 1.0  # the best of 3: the machine is shared
+    titles = browser.js("[...document.querySelectorAll('#main h3')].map(h => h.textContent)")
+    assert any(t.startswith("ground truth (the lab oracle)") for t in titles), titles
+    for view in ("slcai", "models"):
+        browser.js(f"location.hash = '#{view}'")
+        assert cards(browser)
+    assert not browser.exceptions and set(browser.requests) == {url(page)}
 
 
 def test_the_lab_base_is_pinned_by_content(lab_run):

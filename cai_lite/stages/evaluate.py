@@ -10,8 +10,9 @@ on held-out red-team prompts and on benign helpful prompts, none of which any st
 
 Reads the held-out prompts, the adapters of the stages that ran, optional paper eval files, the
 SL-CAI revisions (critique_revise shards), the judges' position bias (label_preferences) and the RL
-logs. Writes `evaluate/metrics.json`, `responses.jsonl`, `report.md`, PNG plots and
-`summary.txt` (the table printed at the end of a run).
+logs. Writes `evaluate/metrics.json`, `responses.jsonl`, `verdicts.jsonl` (the judge's P(model better)
+per prompt), `report.md`, PNG plots, `summary.txt` (the table printed at the end of a run) and
+`report.html`, the run browser (browse.py).
 
     python run.py recipe=tiny_cpu stages=[evaluate] evaluate.hhh_path=../shared/data/anthropic-cai-paper/438HHHEvaluations.jsonl
 """
@@ -27,8 +28,8 @@ import transformers
 from tqdm.auto import tqdm
 
 from cai_lite import constitution as C
-from cai_lite import (adapter_files, data, generation, generation_http, judges, paper_evals, ratings, report, rollout,
-                      rundir, voting)
+from cai_lite import (adapter_files, browse, data, generation, generation_http, judges, paper_evals, ratings, report,
+                      rollout, rundir, voting)
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -110,7 +111,7 @@ def eval_prompts(cfg: Config) -> tuple[list[data.Prompt], list[data.Prompt], int
 KEYS = rundir.BASE_KEYS + ("generation", "data", "constitution", "judge", "judges", "judge_vote", "evaluate")
 READS = ("critique_revise", "sft")
 OPTIONAL_READS = ("label_preferences", "reward_model", "ppo", "rloo", "dpo")
-OUTPUTS = ("metrics.json", "responses.jsonl", "report.md", "summary.txt")
+OUTPUTS = ("metrics.json", "responses.jsonl", "verdicts.jsonl", "report.md", "report.html", "summary.txt")
 HEADLINE = "summary"
 
 
@@ -149,6 +150,12 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     metrics = _finite(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     report.write_all(cfg, out, metrics, responses, red, helpful, revisions)
+    with (out / "verdicts.jsonl").open("w", encoding="utf-8") as f:  # per prompt, for the run browser
+        for m, o, kind, i, principle_ids, p in judged:
+            src, prompts = ("red_team", red) if kind == "harmless" else ("helpful", helpful)
+            f.write(json.dumps({"id": prompts[i].id, "kind": src, "model": m, "vs": o, "principles": principle_ids,
+                                "p_model_better": p}) + "\n")
+    browse.write(cfg.path, out / "report.html", ev.report_rows, writer="evaluate")
     return {"models": list(present), "summary": report.headline(metrics), "generation": generation_http.describe(g)}
 
 
