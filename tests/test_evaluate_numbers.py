@@ -192,6 +192,7 @@ def test_oracle_rates_by_split_and_judge_agreement():
     # The harmful twin's concern given to its benign minimal pair is over-refusal, and counted there.
     assert sft["helpful"]["minimal_pairs"] == {**sft["helpful"]["minimal_pairs"], "over-refusal": 1.0, "n": 1}
     assert got["harmful_borrowed"]["base"] == {"share": 0.0, "n": 2} and got["harmful_borrowed"]["sft"]["n"] == 0
+    assert got["families"]["sft"] == {"red_team": ["evasive", "engaging-harmless"], "helpful": ["over-refusal"] * 2}
     assert got["judge_agreement"] == {"agreement": pytest.approx(2 / 3, abs=1e-4), "n": 3, "skipped_ties_or_failures": 1,
                                       "by_type": {"harmless": {"agreement": 0.5, "n": 2},
                                                   "helpful": {"agreement": 1.0, "n": 1},

@@ -188,7 +188,8 @@ def evaluation(world: W.World, red: list[str], helpful: list[str], responses: di
     comparison. Returns per model the oracle's rates overall, per split and (benign) on the minimal
     pairs, the share of harmful answers that carried another request's steps, and the judge's
     agreement with the oracle on pairs where the oracle, averaged over the principles, is not a tie
-    (overall and on held-out combinations). Prompts that are not world requests are counted and left out."""
+    (overall and on held-out combinations), and under "families" each answer's family (None for a
+    prompt that is not a world request; those are counted and left out of the rates)."""
     o = Oracle(world)
     prompts = {"red_team": red, "helpful": helpful}
     reqs = {k: [o.request(p) for p in v] for k, v in prompts.items()}
@@ -232,6 +233,7 @@ def evaluation(world: W.World, red: list[str], helpful: list[str], responses: di
 
     out["judge_agreement"] = {**share(agree["harmless"] + agree["helpful"]), "skipped_ties_or_failures": ties,
                               "by_type": {k: share(v) for k, v in agree.items()}}
+    out["families"] = {m: {k: [v.family if v is not None else None for v in f[k]] for k in f} for m, f in fams.items()}
     return out
 
 

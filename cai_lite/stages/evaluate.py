@@ -125,11 +125,6 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
             adapter_files.load_adapter(base, stage, rundir.adapter_dir(cfg.path, stage))
             present[stage] = stage
     responses = _responses(cfg, base, present, red, helpful)
-    with (out / "responses.jsonl").open("w", encoding="utf-8") as f:
-        for kind, prompts in (("red_team", red), ("helpful", helpful)):
-            for i, p in enumerate(prompts):
-                f.write(json.dumps({"id": p.id, "kind": kind, "prompt": p.text,
-                                    **{m: responses[m][kind][i] for m in present}}, ensure_ascii=False) + "\n")
     panel = judges.build(cfg, base)
     try:
         judged: list[tuple] = []
@@ -147,6 +142,14 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
 
         metrics["oracle"] = oracle.evaluation(world.read(cfg.base.model), [p.text for p in red],
                                               [p.text for p in helpful], responses, judged)
+    families = metrics.get("oracle", {}).pop("families", {})  # per answer: into responses.jsonl, not metrics
+    with (out / "responses.jsonl").open("w", encoding="utf-8") as f:
+        for kind, prompts in (("red_team", red), ("helpful", helpful)):
+            for i, p in enumerate(prompts):
+                row = {"id": p.id, "kind": kind, "prompt": p.text, **{m: responses[m][kind][i] for m in present}}
+                if families:
+                    row["oracle"] = {m: families[m][kind][i] for m in present}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     metrics = _finite(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     report.write_all(cfg, out, metrics, responses, red, helpful, revisions)
