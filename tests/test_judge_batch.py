@@ -74,7 +74,7 @@ def _fresh(judge, wave_prompts: int, prompts) -> tuple[list, int]:
 
 def test_batched_judge_equals_one_prompt_at_a_time(cpp):
     prompts = _prompts()
-    tokens = [cpp.llm.tokenize(cpp._render(p).encode(), add_bos=cpp._add_bos, special=True) for p in prompts]
+    tokens = [cpp.tokens(p) for p in prompts]
     fits = [t for t in tokens if len(t) < N_CTX]
     assert len(fits) == len(prompts) - 4  # comparison 1: 2 principles x 2 orders too long
     assert len(list(waves(fits, N_CTX, 63))) >= 2 and max(len(w) for w in waves(fits, N_CTX, 63)) >= 4
