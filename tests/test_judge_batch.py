@@ -118,3 +118,27 @@ def test_prefix_stays_cached_across_calls_and_generation(cpp):
     assert reused < cold_tokens and _close(again, first) and _close(cold, first)
     assert isinstance(cpp.generate(prompts[:1], 3)[0], str)  # Llama's own decoding, on a cleared cache
     assert _close(cpp.option_probs(prompts[:4], "AB"), first)  # nothing stale after it
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_a_wave_stopped_part_way_leaves_nothing_stale(cpp, monkeypatch, error):
+    """An exception between two decode calls of a wave (here: after its first 16 tokens) must not leave
+    sequence 0 described as the previous wave's prefix while its cells hold this wave's tokens."""
+    prompts = [p for p in _prompts() if "doors" not in p.messages[-1]["content"]]
+    first, second = prompts[:4], prompts[8:12]  # comparisons 0 and 2: their conversations differ
+    want, _ = _fresh(cpp, judges.JUDGE_SEQS - 1, first)  # sequence 0 now holds their common prefix
+    decode, calls = cpp._decoder._decode, []
+
+    def stops_after_one_call(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error("stopped")
+        decode(*args)
+
+    monkeypatch.setattr(cpp._decoder, "n_batch", 16)  # several decode calls per wave
+    monkeypatch.setattr(cpp._decoder, "_decode", stops_after_one_call)
+    with pytest.raises(error):
+        cpp.option_probs(second, "AB")
+    monkeypatch.undo()
+    assert _close(cpp.option_probs(first, "AB"), want)  # the same as with nothing cached
+    assert _close(cpp.option_probs(second, "AB"), _fresh(cpp, judges.JUDGE_SEQS - 1, second)[0])
