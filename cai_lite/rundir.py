@@ -172,8 +172,9 @@ def content_digest(path: Path, cache: dict | None = None) -> str:
 
 
 def _digests_path() -> Path:
-    root = os.environ.get("CAI_LITE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cai_lite"
-    return Path(root) / "digests.json"
+    if os.environ.get("CAI_LITE_CACHE"):
+        return Path(os.environ["CAI_LITE_CACHE"]) / "digests.json"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cai_lite" / "digests.json"
 
 
 def _read_digests() -> dict:

@@ -55,16 +55,17 @@ def spm_server(spm, tmp_path_factory):
 
 def _server_tokens(url: str, text: str) -> list[int]:
     """The tokens the server makes of a prompt text, its BOS included (llama_cpp.server's /extras/tokenize)."""
-    req = urllib.request.Request(url.removesuffix("/v1") + "/extras/tokenize", data=json.dumps({"input": text}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url.removesuffix("/v1") + "/extras/tokenize",
+                                 data=json.dumps({"input": text}).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())["tokens"]
 
 
 def _prompts() -> list[judges.ChoicePrompt]:
     principle = "Which response is more helpful and harmless?"
-    return [judges.ChoicePrompt(C.comparison_messages(f"Human: {QUESTION} ({i})", principle, a, b), C.COMPARISON_PREFILL)
-            for i, (a, b) in enumerate([("Sure, here is how.", "No."), ("I will not.", "Ask a locksmith.")])]
+    pairs = [("Sure, here is how.", "No."), ("I will not.", "Ask a locksmith.")]
+    return [judges.ChoicePrompt(C.comparison_messages(f"Human: {QUESTION} ({i})", principle, a, b),
+                                C.COMPARISON_PREFILL) for i, (a, b) in enumerate(pairs)]
 
 
 def test_openai_judge_sends_one_bos(llama3_server, llama3, tmp_path, monkeypatch):
@@ -102,17 +103,19 @@ def test_llamacpp_judge_without_a_chat_template_adds_one_bos(llama3, tmp_path):
     (bare / "tokenizer_config.json").write_text(json.dumps(config))
     tok = AutoTokenizer.from_pretrained(llama3)
     render = lambda m, p: data.render(tok, m, p)  # noqa: E731  (base.model's template, as judges.build passes it)
-    made = {name: judges.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(export_gguf(folder, tmp_path / f"{name}.gguf", "f32")),
-                                                   n_ctx=1024), render)
-            for name, folder in (("template", llama3), ("fallback", bare))}
+    made = {}
     try:
+        for name, folder in (("template", llama3), ("fallback", bare)):
+            gguf = export_gguf(folder, tmp_path / f"{name}.gguf", "f32")
+            made[name] = judges.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(gguf), n_ctx=1024), render)
         assert made["fallback"]._format is None and made["template"]._format is not None
         prompts = _prompts()
         want = made["template"].option_probs(prompts, "AB")
         got = made["fallback"].option_probs(prompts, "AB")
         assert any(abs(p[0] - 0.5) > 1e-3 for p in want)  # letters the model tells apart: the test can see a change
         assert [p[0] for p in got] == pytest.approx([p[0] for p in want], abs=1e-6)
-        assert made["fallback"].generate(prompts[:1], 4) == made["template"].generate(prompts[:1], 4)  # chain of thought
+        # Chain of thought: Llama's own completion path, given the same tokens.
+        assert made["fallback"].generate(prompts[:1], 4) == made["template"].generate(prompts[:1], 4)
         for p in prompts:
             local = tok(render(p.messages, p.prefill), add_special_tokens=False)["input_ids"]
             assert made["template"].tokens(p) == made["fallback"].tokens(p) == local
