@@ -112,3 +112,12 @@ def test_the_digest_is_cached_by_stat_and_rehashed_on_any_write(tmp_path, monkey
     pipeline.plan(cfg)
     stored = json.loads((Path(os.environ["CAI_LITE_CACHE"]) / "digests.json").read_text())
     assert stored[str(path.resolve())]["sha256"].startswith(digest)
+
+
+def test_paper_eval_files_are_pinned_by_content(tmp_path):
+    hhh = tmp_path / "438HHHEvaluations.jsonl"
+    hhh.write_text('{"input": "q", "targets": {"choices": ["a", "b"], "labels": [1, 0]}}\n')
+    cfg = load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'run'}", f"evaluate.hhh_path={hhh}"])
+    before = rundir.file_digests(cfg, ("evaluate",))["evaluate.hhh_path:sha256"]
+    hhh.write_text('{"input": "q", "targets": {"choices": ["a", "b"], "labels": [0, 1]}}\n')
+    assert rundir.file_digests(cfg, ("evaluate",))["evaluate.hhh_path:sha256"] != before
