@@ -15,7 +15,9 @@ has saved its adapter. It holds only what training changes:
     transformers' `Trainer.train(resume_from_checkpoint=...)` reads, so the Trainer itself skips
     the batches already seen and restores optimizer, scheduler and generators.
 The pipeline keeps a stage's folder only when its `.resume_key` (config hash + the inputs read)
-matches this run, so a checkpoint is never resumed under another config: that starts over.
+matches this run, so a checkpoint is never resumed under another config: that starts over. A
+Trainer checkpoint made by another number of processes is refused before any model loads
+(check_processes); reward_model's resumes at its first untrained pair on any number.
 
     python run.py recipe=tiny_cpu stages=[ppo] ppo.save_every=1   # kill it, run it again: it resumes
 """
@@ -110,7 +112,10 @@ def restore(out: Path, base: SharedBase, adapters: list[str], optimizer: torch.o
     np.random.set_state(rng["numpy"])
     torch.random.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.random.set_rng_state(rng["cuda"])
+        if distributed.world_size() > 1:  # every device's state, as _rng_state saved them
+            torch.cuda.random.set_rng_state_all(rng["cuda"])
+        else:
+            torch.cuda.random.set_rng_state(rng["cuda"])
     state = json.loads((ckpt / "state.json").read_text())
     log.info("resuming from the checkpoint at step %d (%s)", state["step"], ckpt)
     return state
@@ -122,11 +127,37 @@ def _rng_file(rank: int) -> str:
 
 
 def _rng_state() -> dict:
-    """Every random generator's state, in transformers' format."""
+    """Every random generator's state, in transformers' format (Trainer._save_rng_state): under
+    torchrun/accelerate the CUDA states of all the devices this process sees, which Trainer's
+    resume gives back with set_rng_state_all (one state there would set none: it logs an error and
+    goes on, and dropout then differs from the uninterrupted run); in one process the current
+    device's."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.random.get_rng_state()
+        rng["cuda"] = (torch.cuda.random.get_rng_state_all() if distributed.world_size() > 1
+                       else torch.cuda.random.get_rng_state())
     return rng
+
+
+def processes(ckpt: Path) -> int:
+    """How many processes made a checkpoint: one `rng_state_<rank>.pth` each, or one `rng_state.pth`."""
+    return len(list(ckpt.glob("rng_state_*.pth"))) or 1
+
+
+def check_processes(out: Path, stage: str) -> list[str]:
+    """A Trainer checkpoint (sft, rloo, dpo) resumes only on as many processes as made it: Trainer
+    skips `global_step` steps of each process's shard of the data, which under another number of
+    processes are other rows, so some would never be trained on and others twice. (reward_model's
+    loop records the position in its data itself; ppo runs in one process only.)"""
+    ckpt = folder(out)
+    if ckpt is None or not (ckpt / "trainer_state.json").is_file():
+        return []
+    made, now = processes(ckpt), distributed.world_size()
+    if made == now:
+        return []
+    return [f"{stage}: its checkpoint {ckpt} was made by {made} process(es) and this launch has {now}; resumed on "
+            f"another number of processes, the Trainer would skip other rows than it trained on. Launch {made} "
+            f"process(es) to resume it, or add force=[{stage}] to start {stage} over"]
 
 
 def done(out: Path) -> None:

@@ -1,4 +1,5 @@
-"""Prompt sources, the train/held-out split, chat rendering, and JSONL shards.
+"""Prompt sources, the train/held-out split, chat rendering (and its cut to a token budget, as the
+local path and a server both see it), and JSONL shards.
 
 Reads prompts from a JSONL file (one `{"prompt": ...}` per line, column configurable), an hh-rlhf
 transcript file (.jsonl or .jsonl.gz, rows `{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ..."}`; the
@@ -200,6 +201,51 @@ def render(tokenizer, messages: list[dict], prefill: str = "") -> str:
     """Messages through the tokenizer's own chat template, ending in an open assistant turn that
     starts with `prefill`."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
+
+
+def adds_bos(tokenizer) -> bool:
+    """The tokenizer puts a BOS before any text itself (Llama-2/3, Mistral), as a server holding the
+    model (llama.cpp's add_bos_token, vLLM) does before every prompt it tokenizes."""
+    return tokenizer.bos_token is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
+def server_text(tokenizer, text: str) -> str:
+    """A rendered prompt as a server that tokenizes it with the model's special tokens must receive
+    it: where the server adds a BOS of its own, without the BOS text the chat template wrote, or
+    it would see two."""
+    bos = tokenizer.bos_token
+    return text[len(bos):] if bos and text.startswith(bos) and adds_bos(tokenizer) else text
+
+
+def decode_for_server(tokenizer, ids: list[int]) -> str:
+    """The text a server must receive to tokenize it into `ids`: their decoding, with the BOS text only
+    where the server adds no BOS itself (cut_left checks that it tokenizes back). The BOS is decoded
+    apart: decoders drop the word-start space of the first piece only at the very start of a text."""
+    if ids[:1] != [tokenizer.bos_token_id]:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+    body = tokenizer.decode(ids[1:], skip_special_tokens=False)
+    return body if adds_bos(tokenizer) else tokenizer.bos_token + body
+
+
+CUT_SEARCH = 16  # tokens cut_left may drop beyond the budget to find a start that tokenizes back the same
+
+
+def cut_left(tokenizer, ids: list[int], max_tokens: int) -> list[int]:
+    """`ids` cut from the left to at most `max_tokens` (the question at the end survives): the BOS,
+    if `ids` starts with one (models see it at position 0 in training), then the last tokens, from
+    the first start whose text tokenizes back to the same ids. A server given the text
+    (generation_http) then holds exactly the tokens the local path does; re-tokenizing a cut made
+    mid-word would not (SentencePiece writes a word-start piece "▁" before it). `ids` that fit are
+    returned as they are."""
+    if len(ids) <= max_tokens:
+        return ids
+    head = ids[:1] if max_tokens > 1 and ids[0] == tokenizer.bos_token_id else []
+    first = len(ids) - max_tokens + len(head)
+    for start in range(first, min(first + CUT_SEARCH, len(ids))):
+        kept = head + ids[start:]
+        if tokenizer(decode_for_server(tokenizer, kept), add_special_tokens=True)["input_ids"] == kept:
+            return kept
+    return head + ids[first:]  # no start nearby tokenizes back: generation_http's count check will say so
 
 
 def conversation_text(prompt: str, response: str | None = None) -> str:

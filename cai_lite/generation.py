@@ -2,9 +2,9 @@
 
 Reads rendered prompt strings; returns the generated text (special tokens removed) and whether
 each sequence ended with EOS. Prompts longer than `generation.max_prompt_tokens` are cut from the
-left, so the most recent text (the question) survives; the count is returned. `sample()` is what
-the generating stages call: `generate()` here, or with `generation.backend=openai` the same
-prompts sent to a server (generation_http.py).
+left after their BOS, so the most recent text (the question) survives (data.cut_left); the count
+is returned. `sample()` is what the generating stages call: `generate()` here, or with
+`generation.backend=openai` the same prompts sent to a server (generation_http.py).
 
     python -c "from cai_lite.recipe import load_config; from cai_lite import models, generation; \
                cfg = load_config([]); b = models.load_base(cfg); print(generation.generate(b, ['Hello'], None, cfg.generation))"
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from cai_lite import generation_http, models
+from cai_lite import data, generation_http, models
 from cai_lite.config import GenerationSettings
 from cai_lite.models import SharedBase
 
@@ -30,11 +30,11 @@ class Generated:
 
 
 def tokenize_left(base: SharedBase, texts: list[str], max_tokens: int) -> tuple[dict, list[bool]]:
-    """Left-padded, left-truncated batch; also which prompts were cut."""
+    """Left-padded batch, each prompt cut from the left as data.cut_left cuts it; also which were cut."""
     tok = base.tokenizer
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     cut = [len(x) > max_tokens for x in ids]
-    ids = [x[-max_tokens:] for x in ids]
+    ids = [data.cut_left(tok, x, max_tokens) for x in ids]
     width = max(len(x) for x in ids)
     pad = tok.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=base.device)

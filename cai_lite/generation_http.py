@@ -4,11 +4,15 @@ evaluate's answers.
 
 Sends `POST {generation.base_url}/completions` with the prompt text the local path would tokenize:
 the base tokenizer's chat template, rendered here, cut from the left to `generation.max_prompt_tokens`
-with the local tokenizer. Not `/chat/completions`: there the server applies its own copy of the
-template (a GGUF's, ollama's Modelfile's), which may differ from base.model's in a space or a
-system prompt, and then the two backends would not be sampling from the same prompts. Every engine
+with the local tokenizer where the cut text tokenizes back to the very tokens the local path keeps
+(data.cut_left), less a BOS the server adds itself. (Token ids as the prompt would be exact too,
+but llama-cpp-python's server and ollama take text only.) Not `/chat/completions`: there the server
+applies its own copy of the template (a GGUF's, ollama's Modelfile's), which may differ from
+base.model's in a space or a system prompt, and then the two backends would not be sampling from
+the same prompts. Every engine
 named above serves `/v1/completions`. Each answer's `usage.prompt_tokens` is compared with the
-local tokenizer's count, and a difference is logged: it means the server holds another tokenizer.
+number of tokens the local path feeds the model, and a difference is logged: it means the server
+holds another tokenizer.
 
 An adapter role (None = the bare base, sft, ppo, ...) maps to a served model name:
 `generation.model` for the base, `generation.adapters` entries `role=name` for the rest (vLLM serves
@@ -83,18 +87,17 @@ def describe(g: GenerationSettings) -> dict:
 
 def prompt_texts(tokenizer, prompts: list[str], max_tokens: int) -> tuple[list[str], list[bool], list[int]]:
     """The texts to send, whether each was cut to `max_tokens` (from the left, as the local path
-    cuts), and the token count the server should report for each if it holds the same tokenizer."""
+    cuts: data.cut_left), and how many tokens the local path feeds the model for each, which is
+    what a server holding the same tokenizer must count."""
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token
-    # The server tokenizes with the model's special tokens (a BOS where its tokenizer adds one), so a
-    # template that writes the BOS itself would get two: send the text without it.
-    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-    texts, cut = [], []
+    texts, cut, counts = [], [], []
     for text, x in zip(prompts, ids):
-        cut.append(len(x) > max_tokens)
-        text = tokenizer.decode(x[-max_tokens:], skip_special_tokens=False) if cut[-1] else text
-        texts.append(text[len(bos):] if adds_bos and text.startswith(bos) else text)
-    counts = [len(x) for x in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        kept = data.cut_left(tokenizer, x, max_tokens)
+        cut.append(len(kept) < len(x))
+        # The text as rendered where it fits (less a BOS the server adds itself); a cut prompt as the
+        # decoding of its kept tokens, which cut_left chose so that it tokenizes back to them.
+        texts.append(data.decode_for_server(tokenizer, kept) if cut[-1] else data.server_text(tokenizer, text))
+        counts.append(len(kept))
     return texts, cut, counts
 
 

@@ -1,9 +1,10 @@
 """The `openai` judge: any OpenAI-compatible server (vLLM, llama.cpp server, ollama, a hosted API).
 
-Sends `/v1/completions` requests with the prompt rendered by the base model's chat template and
-`logprobs`, and reads the top log-probs of the first answer token. Where the letters are not among
-the top `judge.top_logprobs` (servers cap it: OpenAI at 20), it parses the answer text instead and
-counts the label as hard. (Echoing the prompt plus each letter would get any letter's log-prob,
+Sends `/v1/completions` requests with the prompt rendered by the base model's chat template (less
+the BOS text, which the server adds itself: data.server_text, in judges.build) and `logprobs`, and
+reads the top log-probs of the first answer token. Where the letters are not among the top
+`judge.top_logprobs` (servers cap it: OpenAI at 20), it parses the answer text instead and counts
+the label as hard. (Echoing the prompt plus each letter would get any letter's log-prob,
 but llama-cpp-python 0.3.36's server reports echoed log-probs one position off, so it is not used.)
 At most `judge.concurrency` requests in flight; `judge.timeout_s` per socket read; a request that
 fails (HTTP 408/429/5xx, a dropped connection, a cut-off or non-JSON body, a timeout) is sent
@@ -111,6 +112,7 @@ def post(url: str, body: dict, headers: dict[str, str], timeout_s: float, retrie
 
 class OpenAIJudge:
     def __init__(self, jc: JudgeConfig, render):
+        """`render(messages, prefill)` gives the text to send: as the server must receive it."""
         self.jc, self.render = jc, render
         self.name = f"openai:{jc.model}"
         self.hard_labels = 0

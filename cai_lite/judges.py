@@ -218,7 +218,7 @@ class LlamaCppJudge:
         eos = self.llm.detokenize([self.llm.token_eos()], special=True).decode("utf-8", "replace")
         self._format = Jinja2ChatFormatter(template, eos_token=eos, bos_token="") if template else None
         self._render_fallback = render_fallback
-        self._add_bos = self.llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+        self._bos = [self.llm.token_bos()] if self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" else []
         self._decoder = PrefixDecoder(self.llm.ctx, self.llm.n_vocab(), self.llm.n_batch, JUDGE_SEQS)
         self.reuse_prefix = True  # False: every prompt from scratch (the benchmark's baseline)
         self.wave_prompts = JUDGE_SEQS - 1  # 1: one prompt at a time, each reusing the previous one's prefix
@@ -237,13 +237,18 @@ class LlamaCppJudge:
     def _encode(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
+    def tokens(self, p: ChoicePrompt) -> list[int]:
+        """The prompt's tokens: the GGUF's BOS where it asks for one, once. The fallback renderer's
+        template writes the BOS text itself (Llama-2/3); the GGUF's own is rendered without it."""
+        tokens = self.llm.tokenize(self._render(p).encode("utf-8"), add_bos=False, special=True)
+        return tokens if tokens[:1] == self._bos else self._bos + tokens
+
     def option_probs(self, prompts: list[ChoicePrompt], letters: str) -> list[list[float] | None]:
         from cai_lite.llamacpp_batch import waves
 
         by_prefill = {p.prefill: letter_ids(self._encode, p.prefill, letters) for p in prompts}
         n_ctx = self.llm.n_ctx()
-        tokens = [self.llm.tokenize(self._render(p).encode("utf-8"), add_bos=self._add_bos, special=True)
-                  for p in prompts]
+        tokens = [self.tokens(p) for p in prompts]
         fits = [i for i, t in enumerate(tokens) if len(t) < n_ctx]
         if len(fits) < len(prompts):
             log.warning("%s: %d prompt(s) of %s tokens exceed judge.n_ctx=%d; recorded as failures", self.name,
@@ -267,7 +272,7 @@ class LlamaCppJudge:
         self.llm.n_tokens = 0
         out = []
         for p in prompts:
-            res = self.llm.create_completion(self._render(p), max_tokens=max_new_tokens, temperature=0.0)
+            res = self.llm.create_completion(self.tokens(p), max_tokens=max_new_tokens, temperature=0.0)
             out.append(res["choices"][0]["text"])
         return out
 
@@ -287,7 +292,9 @@ def build(cfg: Config, base: SharedBase | None) -> list[Judge]:
         elif jc.backend == "llamacpp":
             out.append(LlamaCppJudge(jc, lambda m, p: data.render(base.tokenizer, m, p)))
         else:
-            out.append(judge_http.OpenAIJudge(jc, lambda m, p: data.render(base.tokenizer, m, p)))
+            # The server adds the BOS itself, where the model has one: send the text without it.
+            out.append(judge_http.OpenAIJudge(jc, lambda m, p: data.server_text(base.tokenizer,
+                                                                                 data.render(base.tokenizer, m, p))))
     return out
 
 

@@ -72,7 +72,9 @@ class PrefixDecoder:
     def wave(self, prompts: list[list[int]], reuse: bool = True) -> list[np.ndarray]:
         """The next-token logits after each prompt (float32, a copy), all decoded in one prefix tree.
         `reuse=False` ignores what sequence 0 holds (every token is evaluated). Raises RuntimeError
-        when llama.cpp fails to decode (e.g. no KV cells left); the cache is then cleared."""
+        when llama.cpp fails to decode (e.g. no KV cells left). On any exception (that, a
+        KeyboardInterrupt, ...) the cache is cleared: a wave stopped part-way has written its own
+        tokens into sequence 0's cells, which `root` would otherwise still describe as the old ones."""
         uniq = sorted({tuple(p) for p in prompts})  # identical prompts share one sequence
         if len(uniq) >= self.n_seqs:
             raise ValueError(f"a wave of {len(uniq)} prompts needs more than the context's {self.n_seqs} sequences")
@@ -81,12 +83,12 @@ class PrefixDecoder:
         top = min([len(u) - 1 for u in uniq] + adj)
         keep = common_prefix(self.root, uniq[0][:top]) if reuse else 0
         self.lib.llama_memory_seq_rm(self.mem, 0, keep, -1)
-        for j in range(len(uniq)):
-            self.lib.llama_memory_seq_cp(self.mem, 0, j + 1, -1, -1)  # the cached prefix, shared, not copied
         rows: dict[tuple, np.ndarray] = {}
         try:
+            for j in range(len(uniq)):
+                self.lib.llama_memory_seq_cp(self.mem, 0, j + 1, -1, -1)  # the cached prefix, shared, not copied
             self._decode_tree(uniq, adj, keep, top, rows)
-        except RuntimeError:
+        except BaseException:
             self.forget()
             raise
         finally:

@@ -33,7 +33,7 @@ import torch
 import transformers
 import yaml
 
-from cai_lite import distributed, rundir
+from cai_lite import checkpoint, distributed, rundir
 from cai_lite.config import SHIPPED, Config
 from cai_lite.stages import critique_revise, dpo, evaluate, export, label_preferences, ppo, reward_model, rloo, sft
 from cai_lite.typed_yaml import ConfigError
@@ -287,7 +287,12 @@ def _checked_run(cfg: Config) -> dict[str, dict]:
             for name in rundir.recover(cfg.path):
                 log.warning("%s: a redo of it did not finish; its finished output is back in place", name)
     decided = plan(cfg)
-    if refused := distributed.refusals(cfg.base.device, [n for n, a in decided.actions.items() if a == "run"]):
+    to_run = [n for n, a in decided.actions.items() if a == "run"]
+    refused = distributed.refusals(cfg.base.device, to_run)
+    # A Trainer checkpoint resumed on another number of processes would skip other rows than it trained on.
+    refused += [e for n in to_run if _resumes(cfg, decided, n)
+                for e in checkpoint.check_processes(rundir.stage_dir(cfg.path, n), n)]
+    if refused:
         raise ConfigError(refused)
     if cfg.base.create in LAB_SIZES and "run" in decided.actions.values():
         from cai_lite.lab import pretrain
@@ -331,16 +336,10 @@ def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
     made_by = rundir.versions()
     for name, stage in todo:
         out = rundir.stage_dir(cfg.path, name)
-        # Partial shards are resumed only if made with this config from these very inputs.
         inputs_done = {up: read_stage_json(cfg, up)["output_id"] for up in decided.inputs[name]}
-        key = {"config_hash": decided.hashes[name], "inputs_done": inputs_done}
-        if cfg.generation.backend != "local":  # never mix shards of two engines (local keys stay as they were)
-            key["generation_backend"] = cfg.generation.backend
-        key = json.dumps(key, sort_keys=True)
-        marker = out / ".resume_key"
-        resumable = marker.is_file() and marker.read_text() == key and not (out / "stage.json").is_file()
+        resumable = _resumes(cfg, decided, name)
         replaced = False
-        if main and out.exists() and (name in cfg.force or not resumable):
+        if main and out.exists() and not resumable:
             if (out / "stage.json").is_file():
                 rundir.set_aside(out)  # put back if this redo fails: a finished output is never lost
                 replaced = True
@@ -348,7 +347,7 @@ def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
                 shutil.rmtree(out)  # partial outputs of other settings or inputs: never mix them with new ones
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            marker.write_text(key)
+            (out / ".resume_key").write_text(_resume_key(cfg, decided, name))
         distributed.barrier()  # every process sees the same folder: a checkpoint to resume from, or none
         token = current_stage.set(name)
         try:
@@ -387,6 +386,27 @@ def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
         if replaced:
             shutil.rmtree(rundir.backup_path(out))
     return results
+
+
+def _resume_key(cfg: Config, decided: Plan, name: str) -> str:
+    """What a stage's partial outputs (shards, checkpoint) are made under: its config hash, the
+    outputs it reads, and the engine that generates (shards of two engines never mix)."""
+    key = {"config_hash": decided.hashes[name],
+           "inputs_done": {up: read_stage_json(cfg, up)["output_id"] for up in decided.inputs[name]}}
+    if cfg.generation.backend != "local":  # local keys stay as they were
+        key["generation_backend"] = cfg.generation.backend
+    return json.dumps(key, sort_keys=True)
+
+
+def _resumes(cfg: Config, decided: Plan, name: str) -> bool:
+    """The stage, about to run, continues its partial outputs: not forced, none of its inputs redone
+    in this launch, and made with this config from these very inputs (its .resume_key)."""
+    out = rundir.stage_dir(cfg.path, name)
+    marker = out / ".resume_key"
+    if name in cfg.force or any(decided.actions.get(up) == "run" for up in decided.inputs[name]):
+        return False
+    return (marker.is_file() and not (out / "stage.json").is_file()
+            and marker.read_text() == _resume_key(cfg, decided, name))
 
 
 class StageLogFilter(logging.Filter):

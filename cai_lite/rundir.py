@@ -1,13 +1,16 @@
-"""The run directory's safety rules: one writer at a time, input files pinned by their contents,
-finished outputs never lost to a redo that fails, per-shard seeds that make a resumed stage
-byte-identical to an uninterrupted one, and atomic `stage.json` writes (with the library versions
-that made the output).
+"""The run directory's safety rules: one writer at a time, input files and folders (prompts,
+constitution, judge GGUF, adapter folders) pinned by their contents, finished outputs never lost to
+a redo that fails, per-shard seeds that make a resumed stage byte-identical to an uninterrupted
+one, and atomic `stage.json` writes (with the library versions that made the output).
 
-Reads and writes only inside `runs/<run>/`:
+Reads and writes inside `runs/<run>/`:
   - `.lock`: held (flock) by the process running there, and holding its pid; the kernel releases
     it when that process ends, even by SIGKILL, so a crash never leaves a stale lock;
   - `.<stage>.replaced/`: a finished output set aside while its redo (`force=`, or new inputs)
     runs; deleted when the redo finishes, put back when it fails or is killed.
+Outside it, only `digests.json` in cai_lite's cache folder (`$CAI_LITE_CACHE`, else
+`$XDG_CACHE_HOME/cai_lite` or `~/.cache/cai_lite`, where the lab model is cached too): the sha256
+of each input file by path and stat, so a 5 GB GGUF is read once, not at every run (content_digest).
 
     python -c "from cai_lite import rundir; print(rundir.shard_seed(0, 'critique_revise', 3))"
 """
@@ -17,21 +20,28 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from cai_lite.typed_yaml import ConfigError
 
+log = logging.getLogger(__name__)
 # The keys that pin the base model, in every stage's KEYS (device and speed settings stay out of hashes).
 BASE_KEYS = ("base.model", "base.create", "base.quantization", "base.dtype", "base.compute_dtype", "seed")
 # Config keys naming an input file whose contents shape a stage's outputs. A stage's hash covers
 # the file's bytes, so an edited prompts file or constitution at the same path is a change.
 FILE_KEYS = ("data.prompts", "constitution", "critique_revise.helpful_prompts", "label_preferences.prompts",
              "label_preferences.helpful_prompts", "ppo.prompts", "ppo.helpful_prompts", "rloo.prompts",
-             "rloo.helpful_prompts", "evaluate.prompts", "evaluate.helpful_prompts")
+             "rloo.helpful_prompts", "evaluate.prompts", "evaluate.helpful_prompts", "evaluate.hhh_path",
+             "evaluate.harmful_vs_ethical_path")
+# Config keys naming a model file or adapter folder a stage reads: pinned by content the same way.
+MODEL_KEYS = ("critique_revise.policy_adapter", "critique_revise.critic_adapter")
+RACY_NS = 2 * 10**9  # files changed this recently are hashed, not cached (content_digest)
 
 
 def stage_dir(run: Path, stage: str) -> Path:
@@ -88,14 +98,16 @@ def check_writable(path: Path) -> list[str]:
 
 
 def file_digests(cfg, keys: tuple[str, ...]) -> dict[str, str]:
-    """sha256 of each input file among FILE_KEYS that `keys` (whole sections or single keys) cover.
-    Files inside the base model folder are left out: the base's identity covers them (the lab
-    model's prompts are pinned by its content hash)."""
+    """The content digest (content_digest) of each input file or folder that `keys` (whole sections
+    or single keys) name: the prompt files and constitution of FILE_KEYS, the adapter folders of
+    MODEL_KEYS, and each judge's GGUF file (llamacpp) or adapter folder (local). Prompt files inside
+    the base model folder are left out: the base's identity covers them (the lab model's prompts are
+    pinned by its content hash). Missing paths are left out too: the stages' checks report them."""
     from cai_lite import constitution as C
 
     base = Path(cfg.base.model).expanduser().resolve()
-    out = {}
-    for key in FILE_KEYS:
+    paths: dict[str, Path] = {}
+    for key in FILE_KEYS + MODEL_KEYS:
         if key not in keys and key.split(".")[0] not in keys:
             continue
         value = cfg.constitution if key == "constitution" else getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
@@ -105,10 +117,84 @@ def file_digests(cfg, keys: tuple[str, ...]) -> dict[str, str]:
             path = C.resolve(value) if key == "constitution" else Path(value).expanduser()
         except C.ConstitutionError:
             continue  # the stage's own check reports it
-        if not path.is_file() or path.resolve().is_relative_to(base):
-            continue  # a datasets name or folder, a missing file (checked later), or part of the base
-        out[f"{key}:sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        if key in MODEL_KEYS or (path.is_file() and not path.resolve().is_relative_to(base)):
+            paths[key] = path  # a prompts file that is a datasets name or folder has no bytes of its own here
+    judges = ([("judge", cfg.judge)] if "judge" in keys else []) + \
+        ([(f"judges[{i}]", jc) for i, jc in enumerate(cfg.judges)] if "judges" in keys else [])
+    for where, jc in judges:
+        if jc.backend == "llamacpp" and jc.gguf_path:
+            paths[f"{where}.gguf_path"] = Path(jc.gguf_path).expanduser()
+        # sft: this run's adapter, pinned by the sft stage's hash; critique: as judges.adapter_folder finds it.
+        folder = {"none": "", "sft": "", "critique": cfg.critique_revise.critic_adapter}.get(jc.adapter, jc.adapter)
+        if jc.backend == "local" and folder:
+            paths[f"{where}.adapter"] = Path(folder).expanduser()
+    cache = _read_digests()
+    known = dict(cache)
+    out = {f"{key}:sha256": content_digest(path, cache) for key, path in paths.items() if path.exists()}
+    if cache != known:
+        _write_digests(cache)
     return out
+
+
+def content_digest(path: Path, cache: dict | None = None) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and digests); 16 hex digits.
+
+    A full hash, not one of sampled blocks: sampling is cheaper the first time but can miss a
+    change. Each file's hash is kept in `cache` (digests.json, see the module docstring) under its
+    resolved path with (device, inode, size, mtime_ns, ctime_ns), and computed again whenever any
+    of these differ: a write to the file or a copy over it sets its ctime, which no user call can
+    set back (`cp -p` and `touch -d` set the mtime only), and a file moved there has another inode.
+    So a changed file is always hashed anew, and an unchanged 5 GB GGUF costs one stat. (Only files
+    last changed more than RACY_NS ago are cached: see below.)"""
+    cache = {} if cache is None else cache
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path).as_posix()}\0{content_digest(f, cache)}\0".encode())
+        return h.hexdigest()[:16]
+    st = path.stat()  # before reading: a write during the hash changes the ctime, so the next run hashes again
+    stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    key = str(path.resolve())
+    if cache.get(key, {}).get("stat") == stamp:
+        return cache[key]["sha256"][:16]
+    if st.st_size > 2**30:
+        log.info("hashing %s (%.1f GB) to pin its contents; done once, then cached until the file changes",
+                 path, st.st_size / 2**30)
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(2**22):
+            h.update(block)
+    # A file written less than RACY_NS ago may be written again within one tick of the file system's
+    # clock (1 s on some) with the same ctime: cache only older ones, as git does with its index.
+    if time.time_ns() - st.st_ctime_ns > RACY_NS:
+        cache[key] = {"stat": stamp, "sha256": h.hexdigest()}
+    return h.hexdigest()[:16]
+
+
+def _digests_path() -> Path:
+    if os.environ.get("CAI_LITE_CACHE"):
+        return Path(os.environ["CAI_LITE_CACHE"]) / "digests.json"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cai_lite" / "digests.json"
+
+
+def _read_digests() -> dict:
+    try:
+        cache = json.loads(_digests_path().read_text())
+    except (OSError, ValueError):  # none yet, unreadable, or half-written by a crash: hash again
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_digests(cache: dict) -> None:
+    """Write the digest cache atomically; a cache that cannot be written only costs a hash next run."""
+    path = _digests_path()
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two runs at once never share a temporary file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("cannot write the digest cache %s (%s); input files will be hashed again next run", path, e)
 
 
 def shard_seed(seed: int, stage: str, index: int) -> int:

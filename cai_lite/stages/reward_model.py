@@ -4,7 +4,8 @@ soft labels, so the loop is ours: it is short.
 
 Under torchrun/accelerate (N processes) a step takes N x `reward_model.batch_size` pairs, each
 process scores its share and the gradients are summed over processes (data-parallel, as DDP does);
-rank 0 alone writes.
+rank 0 alone writes. A checkpoint records the first pair not yet trained on, so a resume on another
+number of processes continues there (in steps of its own size).
 
 Reads `label_preferences/part-*.jsonl` (rows with p_a; failed labels are skipped and counted).
 Writes `reward_model/adapter/` (PEFT folder + head.safetensors), `reward_model/reward_stats.json`
@@ -71,6 +72,20 @@ def evaluate_pairs(base: SharedBase, rows: list[dict], batch_size: int, max_toke
     }
 
 
+def plan_steps(n_pairs: int, batch_size: int, epochs: int, processes: int,
+               position: tuple[int, int] = (0, 0)) -> list[tuple[int, int, int]]:
+    """(epoch, first, end) of each optimizer step from `position` (epoch, first pair not trained on)
+    on: `batch_size` pairs per process, consecutive within an epoch; a last part of an epoch with
+    fewer pairs than processes is dropped (each process needs one)."""
+    out = []
+    for epoch in range(position[0], epochs):
+        for first in range(position[1] if epoch == position[0] else 0, n_pairs, batch_size * processes):
+            end = min(first + batch_size * processes, n_pairs)
+            if end - first >= processes:
+                out.append((epoch, first, end))
+    return out
+
+
 # The contract pipeline.py reads: config keys in this stage's hash, stages it reads (OPTIONAL_READS:
 # when they ran), what it leaves in reward_model/ before stage.json, and the metric the run's summary shows.
 KEYS = rundir.BASE_KEYS + ("lora", "reward_model")
@@ -96,13 +111,13 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     params = models.adapter_parameters(base, "reward")
     distributed.same_as_main(params)  # every process starts from rank 0's initial weights
     opt = torch.optim.AdamW(params, lr=rm.lr, weight_decay=0.0)
-    n = distributed.world_size()  # one process: a step is reward_model.batch_size pairs, as ever
-    batches = [train[i:i + rm.batch_size * n] for e in range(rm.epochs)
-               for i in range(0, len(train), rm.batch_size * n)]
-    batches = [b for b in batches if len(b) >= n]  # every process needs a pair (drops < n pairs an epoch)
     # After the optimizer exists: the checkpoint restores it with the weights and the random generators.
-    resumed = checkpoint.restore(out, base, ["reward"], opt) or {"step": 0, "history": []}
+    resumed = checkpoint.restore(out, base, ["reward"], opt) or {"step": 0, "position": [0, 0], "history": []}
     start, history = resumed["step"], resumed["history"]
+    # The steps still to take, from the first pair not yet trained on: where a resume continues does
+    # not depend on how many processes made the checkpoint, so none is skipped or seen twice.
+    steps = plan_steps(len(train), rm.batch_size, rm.epochs, distributed.world_size(), tuple(resumed["position"]))
+    total = start + len(steps)
     # Only rank 0 writes: the other processes log to nowhere.
     main = distributed.is_main()
     writer = SummaryWriter(str(out / "tensorboard"), purge_step=start) if main else None  # drop what is done again
@@ -110,8 +125,9 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     with models.role(base, "reward", trainable=True) as model, log_path.open("w") as log_file:
         log_file.writelines(json.dumps(h) + "\n" for h in history)
         model.train()
-        bar = tqdm(batches[start:], desc="reward model", initial=start, total=len(batches), disable=not main)
-        for step, rows in enumerate(bar, start):
+        bar = tqdm(steps, desc="reward model", initial=start, total=total, disable=not main)
+        for step, (epoch, first, end) in enumerate(bar, start):
+            rows = train[first:end]
             chunk = distributed.share(rows)
             r_a, r_b = pair_scores(base, chunk, rm.max_seq_len)
             p = torch.tensor([r["p_a"] for r in chunk], device=r_a.device)
@@ -127,8 +143,9 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
             log_file.flush()
             if writer:
                 writer.add_scalar("reward_model/loss", history[-1]["loss"], step)
-            if checkpoint.due(step + 1, rm.save_every, len(batches)):
-                checkpoint.save(out, base, ["reward"], opt, {"step": step + 1, "history": history})
+            if checkpoint.due(step + 1, rm.save_every, total):
+                checkpoint.save(out, base, ["reward"], opt, {"step": step + 1, "position": [epoch, end],
+                                                             "history": history})
         model.eval()
     models.freeze(base, "reward")
     evaluation = evaluate_pairs(base, held, rm.batch_size, rm.max_seq_len)
