@@ -415,6 +415,9 @@ class Config:
     """A name in constitutions/ or a path to a constitution file (ours, Anthropic's JSON, or llm-swarm's JSON)."""
     log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
     """Logging level."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(
+        default_factory=lambda: ["tensorboard"])
+    """Where every training stage (sft, reward_model, ppo, rloo, dpo) logs its curves, through transformers' integrations: tensorboard (<stage>/tensorboard/), wandb, mlflow, trackio (each configured by its own environment, e.g. WANDB_MODE=offline); [] for none. Steps count from 1 in every stage. Not part of the config hash."""
     base: BaseConfig = field(default_factory=BaseConfig)
     """The shared base model."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -462,8 +465,9 @@ class Config:
 def trl_args(cfg: Config, device_type: str, out: Path) -> dict:
     """TrainingArguments shared by the TRL trainers cai_lite drives (sft, rloo, dpo)."""
     cuda = device_type == "cuda"
-    # report_to=[]: each stage passes its own TensorBoardCallback writing to <stage>/tensorboard/, like ppo's.
+    # report_to=[]: each stage passes the report_to callbacks itself (tracking.callbacks), as ppo's loop drives them.
     return dict(output_dir=str(out / "trainer"), logging_steps=1, save_strategy="no", report_to=[],
+                run_name=f"{cfg.path.name}/{out.name}",
                 seed=cfg.seed, use_cpu=not cuda, bf16=cuda and cfg.base.compute_dtype == "bfloat16",
                 gradient_checkpointing=cfg.base.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_pin_memory=False,

@@ -322,7 +322,7 @@ def test_reward_model_run_learns_the_labels_and_records_stats(tmp_path, monkeypa
     assert w.item() > 0.2  # it learned that 'good' is preferred
     assert out["eval_accuracy"] == 1.0 and out["loss_last"] < out["loss_first"]
     log = [json.loads(line) for line in (cfg.path / "reward_model" / "log.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in log] == list(range(6))  # 3 epochs of 2 batches
+    assert [h["step"] for h in log] == list(range(1, 7))  # 3 epochs of 2 batches, counted from 1 as Trainer does
     assert out["loss_first"] == pytest.approx(log[0]["loss"]) and out["loss_last"] == pytest.approx(log[-1]["loss"])
     assert log[0]["loss"] == pytest.approx(math.log(2))  # w = 0: every pair a coin flip
     ps, rs = scored["args"]

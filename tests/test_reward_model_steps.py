@@ -122,12 +122,14 @@ def test_training_equals_a_hand_written_replay(stage):
     scores = torch.arange(20, dtype=torch.float)
     assert got["reward_stats"] == {"mean": pytest.approx(scores.mean().item()), "std": pytest.approx(scores.std().item())}
     assert got["eval_calibration"]["n"] == 3 and got["eval_accuracy"] == got["eval_calibration"]["accuracy"]
-    # TensorBoard: the loss per step and the held-out metrics after the last step.
+    # TensorBoard, through transformers' callback as Trainer drives it: the loss after each step (steps count
+    # from 1, as in the TRL stages) and the held-out metrics after the last step.
     events = EventAccumulator(str(out / "tensorboard")).Reload()
-    assert [(e.step, round(e.value, 5)) for e in events.Scalars("reward_model/loss")] == \
-        [(i, round(x, 5)) for i, x in enumerate(want_losses)]
-    assert [e.step for e in events.Scalars("reward_model/eval_accuracy")] == [10]
-    assert [e.step for e in events.Scalars("reward_model/eval_brier")] == [10]
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("train/loss")] == \
+        [(i, round(x, 5)) for i, x in enumerate(want_losses, 1)]
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [10]
+    assert [e.step for e in events.Scalars("eval/brier")] == [10]
+    assert [h["step"] for h in log] == list(range(1, 11))
 
 
 def test_a_new_run_adds_the_adapter_without_deleting_and_a_tiny_split_holds_out_one(stage, monkeypatch):
