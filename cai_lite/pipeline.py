@@ -33,7 +33,7 @@ import torch
 import transformers
 import yaml
 
-from cai_lite import distributed, rundir
+from cai_lite import cards, distributed, rundir
 from cai_lite.config import SHIPPED, Config
 from cai_lite.stages import critique_revise, dpo, evaluate, export, label_preferences, ppo, reward_model, rloo, sft
 from cai_lite.typed_yaml import ConfigError
@@ -358,6 +358,8 @@ def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
             metrics = stage.run(cfg, base, out)
             if main and (missing := [o for o in stage.OUTPUTS if not any(out.glob(o))]):
                 raise RuntimeError(f"{name}: finished without writing {', '.join(missing)} (its declared OUTPUTS)")
+            if main:  # README.md cards: load_dataset(folder) reads the shards, PEFT users learn what an adapter is
+                cards.write(cfg, name, out, metrics, decided.inputs[name], made_by)
             record = {
                 "stage": name,
                 "config_hash": decided.hashes[name],

@@ -7,7 +7,9 @@ process scores its share and the gradients are summed over processes (data-paral
 rank 0 alone writes.
 
 Reads `label_preferences/part-*.jsonl` (rows with p_a; failed labels are skipped and counted).
-Writes `reward_model/adapter/` (PEFT folder + head.safetensors), `reward_model/reward_stats.json`
+Writes `reward_model/adapter/` (PEFT folder + head.safetensors, what later stages load),
+`reward_model/classifier/` (the same as a PEFT sequence-classification folder, for transformers + peft
+users: AutoPeftModelForSequenceClassification, num_labels=1), `reward_model/reward_stats.json`
 (mean/std of scores on the training responses, for normalising RL rewards), `log.jsonl` (flushed
 per step), the `report_to` logs (TensorBoard: `reward_model/tensorboard/`; the loss at steps 1..N,
 held-out accuracy and Brier score at N) and, every `reward_model.save_every` steps,
@@ -76,7 +78,7 @@ def evaluate_pairs(base: SharedBase, rows: list[dict], batch_size: int, max_toke
 KEYS = rundir.BASE_KEYS + ("lora", "reward_model")
 READS = ("label_preferences",)
 OPTIONAL_READS = ()
-OUTPUTS = ("adapter", "reward_stats.json", "log.jsonl")
+OUTPUTS = ("adapter", "classifier", "reward_stats.json", "log.jsonl")
 HEADLINE = "eval_accuracy"
 
 
@@ -131,6 +133,11 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
                     checkpoint.save(out, base, ["reward"], opt, {"step": step, "history": history})
             model.eval()
         models.freeze(base, "reward")
+        # Bradley-Terry sees score differences only: the head's bias gets no gradient but rounding residue,
+        # which Adam scales to lr-sized steps. At 0, every score is that of a bias-free sequence classifier
+        # (reward_model/classifier/), and RL's normalised rewards do not change.
+        with torch.no_grad():
+            base.heads["reward"].bias.zero_()
         evaluation = evaluate_pairs(base, held, rm.batch_size, rm.max_seq_len)
         report(len(history), {f"eval_{key}": evaluation[key] for key in ("accuracy", "brier")
                               if evaluation[key] is not None})
@@ -139,6 +146,7 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     stats = {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 1.0}
     if main:
         adapter_files.save_adapter(base, "reward", out / "adapter")
+        adapter_files.save_classifier(base, "reward", out / "classifier")
         (out / "reward_stats.json").write_text(json.dumps(stats) + "\n")
     checkpoint.done(out)
     base.sources["reward"] = str((out / "adapter").resolve())
