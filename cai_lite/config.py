@@ -395,8 +395,30 @@ class PlanConfig:
     """Model shape to plan for: a shipped one (llama-2-7b, mistral-7b, qwen2.5-7b, llama-3.1-8b) or a config.json path; empty: `base.model`'s config.json, else the shipped shape named in `base.model`."""
 
 
+_TRAINED = ("sft", "reward_model", "ppo", "rloo", "dpo")
+
+
 @dataclass
 class Config:
+    # What TRL's TrainingArguments (and axolotl, LLaMA-Factory) call settings of ours: an unknown key of
+    # one of these names is pointed at ours, in its section or in every stage ("did you mean"); never an
+    # alias, so each setting keeps one spelling. A sentence: we have no such setting, and why.
+    OTHER_NAMES: ClassVar[dict[str, list[str] | str]] = {
+        "learning_rate": [f"{s}.lr" for s in _TRAINED],
+        "per_device_train_batch_size": [f"{s}.batch_size" for s in _TRAINED],
+        "gradient_accumulation_steps": ["sft.grad_accum", "ppo.grad_accum", "dpo.grad_accum"],
+        "num_train_epochs": ["sft.epochs", "reward_model.epochs", "dpo.epochs"],
+        "max_length": ["sft.max_seq_len", "reward_model.max_seq_len", "dpo.max_seq_len"],
+        "max_seq_length": ["sft.max_seq_len", "reward_model.max_seq_len", "dpo.max_seq_len"],
+        "num_generations": ["rloo.num_samples"],
+        "output_dir": ["run_dir"],
+        "model_name_or_path": ["base.model"],
+        "lora_r": ["lora.r"], "lora_alpha": ["lora.alpha"], "lora_dropout": ["lora.dropout"],
+        "lora_target_modules": ["lora.target_modules"],
+        "resume_from_checkpoint": "rerun the same command to resume: finished stages are skipped and training "
+                                  "continues from <stage>/checkpoint/; force=[stage] starts a stage over",
+    }
+
     recipe: str = DEFAULT_RECIPE
     """Recipe name (a shipped recipes/<name>.yaml) or a path to a YAML recipe; `--config FILE.yaml` is the same."""
     description: str = ""

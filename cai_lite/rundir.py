@@ -39,6 +39,11 @@ def stage_dir(run: Path, stage: str) -> Path:
     return run / stage
 
 
+def log_path(run: Path) -> Path:
+    """`runs/<run>/run.log`: every run's log lines and the libraries' messages (logs.py), appended."""
+    return run / "run.log"
+
+
 def adapter_dir(run: Path, stage: str) -> Path:
     """The PEFT folder a training stage leaves (its OUTPUTS name `adapter`)."""
     return stage_dir(run, stage) / "adapter"

@@ -27,8 +27,8 @@ import transformers
 from tqdm.auto import tqdm
 
 from cai_lite import constitution as C
-from cai_lite import (adapter_files, data, generation, generation_http, judges, paper_evals, ratings, report, rollout,
-                      rundir, voting)
+from cai_lite import (adapter_files, data, downloads, generation, generation_http, judges, paper_evals, ratings, report,
+                      rollout, rundir, voting)
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -54,8 +54,8 @@ def check(cfg: Config) -> list[str]:
     errors += data.check_source("evaluate.helpful_prompts", cfg.evaluate.helpful_prompts)
     for key in ("hhh_path", "harmful_vs_ethical_path"):
         value = getattr(cfg.evaluate, key)
-        if value and not Path(value).is_file():
-            errors.append(f"evaluate.{key}: {value}: file not found")
+        if value and not Path(value).is_file():  # optional: the paper's evals, beside the pairwise ones
+            errors.append(downloads.missing(f"evaluate.{key}", value, off=f"evaluate.{key}= to skip that eval"))
         elif value:
             try:
                 paper_evals.load_items(value)
