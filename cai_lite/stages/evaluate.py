@@ -166,7 +166,7 @@ def _finite(x):
 
 def _responses(cfg: Config, base: SharedBase, present: dict, red: list, helpful: list) -> dict:
     out = {}
-    for name, adapter in tqdm(present.items(), desc="evaluate: answers", total=len(present)):
+    for name, adapter in tqdm(present.items(), desc="evaluate: answers", total=len(present), leave=False):
         out[name] = {}
         for kind, prompts in (("red_team", red), ("helpful", helpful)):
             # Seeded per model and prompt set: a model's answers do not depend on which others are evaluated.
@@ -204,7 +204,7 @@ def _judge_everything(cfg: Config, base: SharedBase, const: C.Constitution, pane
     win_rates: dict[str, dict] = {}
     outcomes: list[ratings.Outcome] = []
     tally: dict[str, list[int]] = {}
-    for m, o in tqdm(pairs, desc="evaluate: win rates"):
+    for m, o in tqdm(pairs, desc="evaluate: win rates", leave=False):  # cleared for the last phase's bar
         for kind, prompts, fixed in (("harmless", red, None), ("helpful", helpful, C.HELPFUL_PRINCIPLE)):
             src = "red_team" if kind == "harmless" else "helpful"
             comps = [judges.Comparison(data.conversation_text(p.text), responses[m][src][i], responses[o][src][i],
