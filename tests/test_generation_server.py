@@ -95,10 +95,11 @@ def test_partial_shards_resume_only_on_the_backend_that_began_them(tmp_path, fak
                           "generation.backend=openai"])
     stage_json = local.path / "critique_revise" / "stage.json"
     pipeline.run(local)
-    stage_json.unlink()  # killed after its first shard
+    card = stage_json.with_name("README.md")  # written with stage.json, at the end: a killed stage has neither
+    stage_json.unlink(), card.unlink()  # killed after its first shard
     pipeline.run(local)
     assert seen["critique_revise"] == [".resume_key", "part-00000.jsonl"]  # resumed
-    stage_json.unlink()
+    stage_json.unlink(), card.unlink()
     pipeline.run(remote)
     assert seen["critique_revise"] == [".resume_key"]  # begun afresh: no shards of two engines in one output
     # A finished stage is not redone for another backend: the backend is not in the config hash.
