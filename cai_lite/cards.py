@@ -85,7 +85,7 @@ def _model_card(cfg: Config, stage: str, folder: Path, metrics: dict, inputs: li
             f"# {stage} of {cfg.path.name}: a LoRA adapter\n",
             f"Trained by cai_lite's `{stage}` stage: {WHAT[stage]}.\n",
             f"- base model: `{base}` ({cfg.base.quantization}, LoRA r={cfg.lora.r}, alpha {cfg.lora.alpha})",
-            f"- trained on: {read} of the same run", f"- made by: {made}; the full config is `config.yaml` there",
+            f"- inputs: {read} of the same run", f"- made by: {made}; the full config is `config.yaml` there",
             f"- result: {result}\n" if result else ""]
     if folder.name == "classifier":
         b = cfg.base

@@ -26,7 +26,7 @@ EXAMPLES = """examples:
   cai-lite recipe=7b_qlora base.model=models/Qwen2.5-7B-Instruct
                                                 a real model (fetch it and the data first: README, "For a real model")
   cai-lite recipe=7b_qlora plan=true            memory per stage on a 24 GB card, and every missing input; loads nothing
-  cai-lite recipe=tiny_cpu                      again after a crash or Ctrl-C: finished stages are skipped, the rest resume
+  cai-lite recipe=tiny_cpu                      the same again after a crash or Ctrl-C: it resumes
   cai-lite recipe=tiny_cpu force=[sft]          redo sft (and the stages that read it) with changed settings
   cai-lite recipe=tiny_cpu sft.lr=1e-4 stages=[critique_revise,sft] report_to=[tensorboard,wandb]"""
 

@@ -115,8 +115,8 @@ def test_training_equals_a_hand_written_replay(stage):
     assert got["train_pairs"] == 10 and got["eval_pairs"] == 3
     # Roles: trained with the reward adapter trainable, evaluated frozen.
     assert stage.roles == [True, False]
-    assert stage.calls == [("delete_adapter",), ("add_adapter",), ("add_head",), ("freeze",), ("save_adapter", out / "adapter"),
-                           ("save_classifier", out / "classifier")]
+    assert stage.calls == [("delete_adapter",), ("add_adapter",), ("add_head",), ("freeze",),
+                           ("save_adapter", out / "adapter"), ("save_classifier", out / "classifier")]
     # Bradley-Terry cannot learn the head's bias: it is 0 when saved, as a sequence classifier's score has none.
     assert BASE.heads["reward"].bias.item() == 0
     # The reward statistics are over both responses of every training pair.

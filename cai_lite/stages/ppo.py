@@ -11,9 +11,10 @@ Roles, switched by `models.role` (which restores the active adapter and requires
 
 Reads `sft/adapter`, `reward_model/adapter`, `reward_model/reward_stats.json`, the prompts and the
 helpful prompts of the mix (`ppo.helpful_prompts`).
-Writes `ppo/adapter/` (the policy), `ppo/log.jsonl` (one line per step, from step 1), the `report_to` logs
-(TensorBoard: `ppo/tensorboard/`) and, every `ppo.save_every` steps, `ppo/checkpoint/` (policy, value and head, optimizer, KL coefficient, random
-generators, history), which a rerun resumes from, bit for bit (deleted at the end).
+Writes `ppo/adapter/` (the policy), `ppo/log.jsonl` (one line per step, from step 1), the `report_to`
+logs (TensorBoard: `ppo/tensorboard/`) and, every `ppo.save_every` steps, `ppo/checkpoint/` (policy,
+value and head, optimizer, KL coefficient, random generators, history), which a rerun resumes from,
+bit for bit (deleted at the end).
 
     python run.py recipe=tiny_cpu stages=[ppo]
 """
