@@ -56,7 +56,7 @@ def test_critique_revise_through_a_llama_cpp_server(server, sharp_llama, tmp_pat
     remote = tiny_config(tmp_path / "remote", sharp_llama, *SMALL, "generation.backend=openai",
                          f"generation.base_url={server}", "generation.concurrency=2")
     want = pipeline.run(local)["critique_revise"]
-    # On the module's own logger: setup_logging (run by other tests) stops cai_lite records reaching caplog.
+    # On the module's own logger: logs.setup (run by the CLI in other tests) stops cai_lite records reaching caplog.
     warned: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = warned.append
