@@ -5,13 +5,16 @@ raises data.DataError naming the file, which the CLI prints without a traceback.
 part that runs before any model loads; `load_adapter` then checks that the tensors fit the base.
 The adapters themselves (adding, copying, switching) stay in models.py.
 
-Reads and writes PEFT folders (+ `head.safetensors`).
+Reads and writes PEFT folders (+ `head.safetensors`), and writes a reward model as a PEFT folder of
+transformers' sequence-classification kind (`save_classifier`). Saved folders name their base by
+absolute path, so PEFT's AutoPeftModel* classes find it from any directory.
 
     python -c "from cai_lite import adapter_files; print(adapter_files.check('runs/tiny/sft/adapter'))"
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -96,10 +99,37 @@ def save_adapter(base: models.SharedBase, name: str, folder: str | Path) -> Path
     # PEFT's own key format (adapter name removed), so PeftModel.from_pretrained reads the folder.
     state = {k: v.detach().contiguous().cpu() for k, v in models.lora_tensors(base, name)}
     save_file(state, folder / "adapter_model.safetensors")
-    base.model.peft_config[name].save_pretrained(folder)
+    _portable_config(base, name).save_pretrained(folder)
     if name in base.heads:
         save_file({k: v.detach().cpu() for k, v in base.heads[name].state_dict().items()}, folder / "head.safetensors")
     return folder
+
+
+def save_classifier(base: models.SharedBase, name: str, folder: str | Path) -> Path:
+    """Adapter `name` and its scalar head as a sequence-classification PEFT folder: task SEQ_CLS,
+    the head as the `score` layer (num_labels=1) of transformers' *ForSequenceClassification, so
+    `AutoPeftModelForSequenceClassification.from_pretrained(folder, num_labels=1)` loads a model that
+    scores as `rollout.sequence_scores` does. That `score` layer has no bias: the head's must be 0."""
+    head = base.heads[name]
+    if head.bias.detach().abs().max().item() != 0:
+        raise ValueError(f"adapter {name!r}: its head has a bias, which a *ForSequenceClassification score cannot hold")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in models.lora_tensors(base, name)}
+    state["base_model.model.score.weight"] = head.weight.detach().contiguous().cpu()  # PEFT's key for modules_to_save
+    save_file(state, folder / "adapter_model.safetensors")
+    config = _portable_config(base, name)
+    config.task_type, config.modules_to_save = "SEQ_CLS", ["score"]
+    config.save_pretrained(folder)
+    return folder
+
+
+def _portable_config(base: models.SharedBase, name: str) -> LoraConfig:
+    """The adapter's LoraConfig naming its base by absolute path: PEFT records base.model as given
+    (often relative), and AutoPeftModel* would then find the base only from the run's directory."""
+    config = copy.copy(base.model.peft_config[name])
+    config.base_model_name_or_path = str(Path(base.cfg.base.model).expanduser().resolve())
+    return config
 
 
 def load_adapter(base: models.SharedBase, name: str, folder: str | Path, replace: bool = False) -> None:
@@ -109,6 +139,7 @@ def load_adapter(base: models.SharedBase, name: str, folder: str | Path, replace
     and leaves the base as it was, but for the adapter `name` it replaces."""
     folder = Path(folder)
     config = read_config(folder)
+    config.base_model_name_or_path = None  # the shared base is its base here, wherever it was loaded from then
     if name in base.adapters and base.sources.get(name) == str(folder.resolve()) and not replace:
         return
     # Every file is read and checked before the base is touched.

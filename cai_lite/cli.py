@@ -1,14 +1,16 @@
 """The `cai-lite` command (also `python -m cai_lite`, and `python run.py` in a checkout).
 
     cai-lite [recipe=NAME | --config FILE.yaml] [key=value | --key value ...]
-    cai-lite --help recipe=7b_qlora     # every key, with the values that recipe gives it
-    cai-lite recipe=7b_qlora plan=true  # each stage's estimated peak memory; loads no weights
+    cai-lite --help recipe=7b_qlora     # every key, with the values that recipe gives it, and examples
+    cai-lite recipe=7b_qlora plan=true  # each stage's estimated peak memory and every missing input; loads no weights
     cai-lite report RUN_DIR             # RUN_DIR/report.html: the run browser of whatever RUN_DIR holds
+    cai-lite --version
 
-Reads the recipe and overrides (recipe.load_config), checks config, files and servers before any
-model loads, then runs the selected stages into `./runs/<run_name>/` of the current directory and
-prints a summary. Exit status 0 on success (`plan=true`: 1 where a stage does not fit), 2 on a problem with the config or the inputs (each
-printed on its own line, naming its key).
+Reads the recipe and overrides (recipe.load_config), checks config, device, files and servers before
+any model loads, then runs the selected stages into `./runs/<run_name>/` of the current directory and
+prints a summary; library messages go to `runs/<run_name>/run.log` (logs.py). Exit status 0 on
+success (`plan=true`: 1 where a stage does not fit), 2 on a problem with the config or the inputs
+(each printed on its own line, naming its key).
 
 The package's `__init__` has already turned the Hugging Face libraries offline and their telemetry
 off by the time this runs: nothing here downloads, and only a configured judge URL opens a socket.
@@ -19,6 +21,29 @@ from __future__ import annotations
 import sys
 
 HELP = ("-h", "--help", "help")
+EXAMPLES = """examples:
+  cai-lite                                      the teaching lab: pretrains a tiny world model, then every stage
+  cai-lite recipe=tiny_cpu                      a random tiny model through every stage (a minute on CPU)
+  cai-lite recipe=7b_qlora base.model=models/Qwen2.5-7B-Instruct
+                                                a real model (fetch it and the data first: README, "For a real model")
+  cai-lite recipe=7b_qlora plan=true            memory per stage on a 24 GB card, and every missing input; loads nothing
+  cai-lite recipe=tiny_cpu                      the same again after a crash or Ctrl-C: it resumes
+  cai-lite recipe=tiny_cpu force=[sft]          redo sft (and the stages that read it) with changed settings
+  cai-lite recipe=tiny_cpu sft.lr=1e-4 stages=[critique_revise,sft] report_to=[tensorboard,wandb]"""
+
+
+def version() -> str:
+    """`cai_lite VERSION`, and the git commit when running from a checkout."""
+    import importlib.metadata as md
+
+    from cai_lite import __version__, rundir
+
+    try:
+        number = md.version("cai_lite")
+    except md.PackageNotFoundError:  # run from a checkout that was never installed
+        number = __version__
+    commit = rundir.git_commit()
+    return f"cai_lite {number}" + (f" (git {commit[:12]})" if commit else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,22 +57,27 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["report"]:
         return report(argv[1:])
     try:
-        if any(a in HELP for a in argv):
-            print(recipe.help_text([a for a in argv if a not in HELP]))
+        if "--version" in argv:
+            print(version())
             return 0
+        if any(a in HELP for a in argv):
+            print(recipe.help_text([a for a in argv if a not in HELP]) + "\n\n" + EXAMPLES)
+            return 0
+        errors: list[str] = []
+        argv = recipe.normalize_argv(argv, errors)  # `--plan true` is plan=true, as every --key value is
+        if errors:
+            raise ConfigError(errors)
         # plan=true is an action, not a setting: a dry run that loads no weights (plan.* are its settings).
         dry = [a for a in argv if a.lower() in ("plan=true", "plan=false")]
         argv = [a for a in argv if a not in dry]
         cfg = recipe.load_config(argv)
-        if dry and dry[-1].lower() == "plan=true":
-            from cai_lite import planner
+        from cai_lite import logs
 
-            table, fits = planner.plan(cfg)
-            print(table)
-            return 0 if fits else 1
+        logs.setup(cfg.log_level)  # before pipeline imports the libraries: what they say at import is caught
+        if dry and dry[-1].lower() == "plan=true":
+            return _plan(cfg)
         from cai_lite import pipeline
 
-        pipeline.setup_logging(cfg.log_level)
         results = pipeline.run(cfg)
     except ConfigError as e:
         if not distributed.is_main():  # the checks are rank 0's; the launcher then ends the others
@@ -67,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if distributed.is_main():  # under torchrun/accelerate the other processes trained too, but say nothing
         print(pipeline.summary(cfg, results))
+        if n := logs.library_warnings():
+            from cai_lite import rundir
+
+            print(f"{n} warning(s) from the libraries (deprecations and the like) are in {rundir.log_path(cfg.path)}")
     return 0
 
 
@@ -89,6 +123,26 @@ def report(argv: list[str]) -> int:
         return 2
     print(f"wrote {path} (open it in a browser; it needs no server)")
     return 0
+
+
+def _plan(cfg) -> int:
+    """plan=true: the memory table, then every input a run would stop on. Raises ConfigError (exit 2)
+    listing the missing inputs and any problem with the plan's shape, all together."""
+    from cai_lite import pipeline, planner
+    from cai_lite.typed_yaml import ConfigError
+
+    try:
+        table, fits = planner.plan(cfg)
+        problems = []
+    except ConfigError as e:
+        table, fits, problems = "", False, list(e.errors)
+    if table:
+        print(table)
+    problems += pipeline.check_inputs(cfg)
+    if problems:
+        raise ConfigError(problems)
+    print("inputs: every file, folder and server the selected stages read is in place")
+    return 0 if fits else 1
 
 
 if __name__ == "__main__":

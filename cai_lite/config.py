@@ -397,8 +397,30 @@ class PlanConfig:
     """Model shape to plan for: a shipped one (llama-2-7b, mistral-7b, qwen2.5-7b, llama-3.1-8b) or a config.json path; empty: `base.model`'s config.json, else the shipped shape named in `base.model`."""
 
 
+_TRAINED = ("sft", "reward_model", "ppo", "rloo", "dpo")
+
+
 @dataclass
 class Config:
+    # What TRL's TrainingArguments (and axolotl, LLaMA-Factory) call settings of ours: an unknown key of
+    # one of these names is pointed at ours, in its section or in every stage ("did you mean"); never an
+    # alias, so each setting keeps one spelling. A sentence: we have no such setting, and why.
+    OTHER_NAMES: ClassVar[dict[str, list[str] | str]] = {
+        "learning_rate": [f"{s}.lr" for s in _TRAINED],
+        "per_device_train_batch_size": [f"{s}.batch_size" for s in _TRAINED],
+        "gradient_accumulation_steps": ["sft.grad_accum", "ppo.grad_accum", "dpo.grad_accum"],
+        "num_train_epochs": ["sft.epochs", "reward_model.epochs", "dpo.epochs"],
+        "max_length": ["sft.max_seq_len", "reward_model.max_seq_len", "dpo.max_seq_len"],
+        "max_seq_length": ["sft.max_seq_len", "reward_model.max_seq_len", "dpo.max_seq_len"],
+        "num_generations": ["rloo.num_samples"],
+        "output_dir": ["run_dir"],
+        "model_name_or_path": ["base.model"],
+        "lora_r": ["lora.r"], "lora_alpha": ["lora.alpha"], "lora_dropout": ["lora.dropout"],
+        "lora_target_modules": ["lora.target_modules"],
+        "resume_from_checkpoint": "rerun the same command to resume: finished stages are skipped and training "
+                                  "continues from <stage>/checkpoint/; force=[stage] starts a stage over",
+    }
+
     recipe: str = DEFAULT_RECIPE
     """Recipe name (a shipped recipes/<name>.yaml) or a path to a YAML recipe; `--config FILE.yaml` is the same."""
     description: str = ""
@@ -417,6 +439,9 @@ class Config:
     """A name in constitutions/ or a path to a constitution file (ours, Anthropic's JSON, or llm-swarm's JSON)."""
     log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
     """Logging level."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(
+        default_factory=lambda: ["tensorboard"])
+    """Where every training stage (sft, reward_model, ppo, rloo, dpo) logs its curves, through transformers' integrations: tensorboard (<stage>/tensorboard/), wandb, mlflow, trackio (each configured by its own environment, e.g. WANDB_MODE=offline); [] for none. Steps count from 1 in every stage. Not part of the config hash."""
     base: BaseConfig = field(default_factory=BaseConfig)
     """The shared base model."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -464,8 +489,9 @@ class Config:
 def trl_args(cfg: Config, device_type: str, out: Path) -> dict:
     """TrainingArguments shared by the TRL trainers cai_lite drives (sft, rloo, dpo)."""
     cuda = device_type == "cuda"
-    # report_to=[]: each stage passes its own TensorBoardCallback writing to <stage>/tensorboard/, like ppo's.
+    # report_to=[]: each stage passes the report_to callbacks itself (tracking.callbacks), as ppo's loop drives them.
     return dict(output_dir=str(out / "trainer"), logging_steps=1, save_strategy="no", report_to=[],
+                run_name=f"{cfg.path.name}/{out.name}",
                 seed=cfg.seed, use_cpu=not cuda, bf16=cuda and cfg.base.compute_dtype == "bfloat16",
                 gradient_checkpointing=cfg.base.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_pin_memory=False,

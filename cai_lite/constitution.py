@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from cai_lite import downloads
 from cai_lite.config import CONSTITUTIONS
 Message = dict[str, str]
 
@@ -73,6 +74,8 @@ def resolve(spec: str) -> Path:
     if named.is_file():
         return named
     names = ", ".join(sorted(x.stem for x in CONSTITUTIONS.glob("*.yaml")))
+    if fetch := downloads.command(spec):  # Anthropic's own files, by their names
+        raise ConstitutionError(f"constitution={spec}: no such file; fetch it: {fetch}")
     raise ConstitutionError(f"constitution={spec}: no such file, and not a name in constitutions/ ({names})")
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cai_lite import downloads
 from cai_lite.config import Config
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def check_source(key: str, source: str, fmt: str = "auto", column: str = "prompt
     if not source or fmt == "datasets" or Path(source).is_dir():
         return []  # datasets sources are resolved by `datasets` itself when the stage runs
     if not Path(source).is_file():
-        return [f"{key}: {source}: no such file (for a datasets name, set data.format=datasets)"]
+        return [downloads.missing(key, source, otherwise="for a datasets name, set data.format=datasets")]
     try:
         read_prompts(source, fmt, column)
     except DataError as e:

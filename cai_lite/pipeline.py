@@ -16,7 +16,6 @@ one whose only change is an upstream stage redone.
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import difflib
 import hashlib
@@ -33,19 +32,20 @@ import torch
 import transformers
 import yaml
 
-from cai_lite import checkpoint, distributed, rundir
+from cai_lite import cards, checkpoint, distributed, downloads, logs, rundir, tracking
 from cai_lite.config import SHIPPED, Config
 from cai_lite.stages import critique_revise, dpo, evaluate, export, label_preferences, ppo, reward_model, rloo, sft
 from cai_lite.typed_yaml import ConfigError
 
 log = logging.getLogger(__name__)
 _SHIPPED_PREFIX = f"{SHIPPED}{os.sep}"
-current_stage: contextvars.ContextVar[str] = contextvars.ContextVar("stage", default="setup")
+current_stage = logs.current_stage  # the stage every log line names
 # The pipeline, in order: plain stage modules. Each declares next to its run() the config KEYS its
 # hash covers, the stages it READS (and OPTIONAL_READS when they ran), the OUTPUTS it leaves in its
 # folder and the HEADLINE metric of the summary; it may define check(cfg), run before any model loads.
 STAGES = [critique_revise, sft, label_preferences, reward_model, ppo, rloo, dpo, evaluate, export]
 NAMES = [s.__name__.rsplit(".", 1)[1] for s in STAGES]  # config.STAGES spells them too (a test keeps them equal)
+TRAINING = ("sft", "reward_model", "ppo", "rloo", "dpo")  # the stages that log curves (report_to)
 
 
 # Judge keys that change speed or when to give up, not the labels.
@@ -217,24 +217,57 @@ def check_base(cfg: Config) -> list[str]:
                 f"base.model=runs/_models/{create}, or base.create=none for a downloaded model"]
     siblings = [str(p) for p in path.parent.iterdir() if (p / "config.json").is_file()] if path.parent.is_dir() else []
     close = difflib.get_close_matches(str(path), siblings, n=1, cutoff=0.8)
-    # NAME or ORG/NAME with no local ORG/ folder reads as a hub id; anything else as a local path.
-    looks_like_id = len(path.parts) == 1 or (len(path.parts) == 2 and not path.parent.is_dir())
-    hub_id = model if looks_like_id and not model.startswith((".", "/", "~")) else "ORG/NAME"
     return [f"base.model: no folder {model}" + (f" (did you mean {close[0]}?)" if close else "")
             + f". cai_lite reads a local model folder and never downloads; fetch the model first: "
-            f"hf download {hub_id} --local-dir models/{path.name if hub_id != 'ORG/NAME' else 'NAME'}, "
-            "then set base.model to that folder"]
+            f"{downloads.model_command(model)}, then set base.model to that folder"]
 
 
-def preflight(cfg: Config, actions: dict[str, str]) -> None:
-    """Every check that needs files or servers but no model, all reported together."""
-    errors: list[str] = check_base(cfg) if "run" in actions.values() else []
+def check_device(device: str) -> list[str]:
+    """base.device names a device this torch has (recipe.validate checked how it is spelled)."""
+    if not device.startswith("cuda"):
+        return []
+    if not torch.cuda.is_available():
+        why = "was built without CUDA" if torch.version.cuda is None else "finds no GPU"
+        return [f"base.device={device}: this torch ({torch.__version__}) {why}; set base.device=cpu (or auto), or "
+                f"install the torch build for your CUDA"]
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        return [f"base.device={device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}"]
+    return []
+
+
+def preflight(cfg: Config, actions: dict[str, str], device: bool = True) -> None:
+    """Every check that needs files or servers but no model, all reported together (and, with
+    `device`, the device: a plan is often made on another machine than the run's)."""
+    runs = "run" in actions.values()
+    errors: list[str] = check_base(cfg) + (check_device(cfg.base.device) if device else []) if runs else []
     errors += rundir.check_writable(cfg.path)
+    if any(actions.get(name) == "run" for name in TRAINING):
+        errors += tracking.check(cfg)
     for name, stage in zip(NAMES, STAGES):
         if actions.get(name) == "run" and hasattr(stage, "check"):  # check() is optional in a stage's contract
             errors += stage.check(cfg)
     if errors:
         raise ConfigError(list(dict.fromkeys(errors)))  # two stages sharing a judge report its problem once
+
+
+def check_inputs(cfg: Config) -> list[str]:
+    """What `plan=true` adds to its table: every problem a run would stop on before loading a model
+    (the stages' upstream outputs, the base, the files and servers they read), found without
+    touching the run dir. A base that `base.create` builds (and the lab's prompt files in its
+    folder) is checked when it is built."""
+    try:
+        actions, errors = plan(cfg).actions, []
+    except ConfigError as e:
+        actions, errors = {name: "run" for name in cfg.stages}, list(e.errors)
+    if cfg.base.create != "none" and not Path(cfg.base.model).is_dir():
+        return errors + check_base(cfg)
+    try:
+        preflight(cfg, actions, device=False)
+    except ConfigError as e:
+        errors += e.errors
+    return errors
 
 
 class _Memory:
@@ -297,7 +330,7 @@ def _checked_run(cfg: Config) -> dict[str, dict]:
     if cfg.base.create in LAB_SIZES and "run" in decided.actions.values():
         from cai_lite.lab import pretrain
 
-        if errors := check_base(cfg):
+        if errors := check_base(cfg) + check_device(cfg.base.device):  # before minutes of pretraining
             raise ConfigError(errors)
         # Before the stage checks: the lab's prompt files live in the model folder.
         try:
@@ -318,6 +351,7 @@ def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
         tmp = cfg.path / "config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         tmp.replace(cfg.path / "config.yaml")
+        logs.to_file(rundir.log_path(cfg.path))
     results: dict[str, dict] = {}
     todo = [(name, s) for name, s in zip(NAMES, STAGES) if decided.actions.get(name) == "run"]
     for name in NAMES:
@@ -358,6 +392,8 @@ def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
             metrics = stage.run(cfg, base, out)
             if main and (missing := [o for o in stage.OUTPUTS if not any(out.glob(o))]):
                 raise RuntimeError(f"{name}: finished without writing {', '.join(missing)} (its declared OUTPUTS)")
+            if main:  # README.md cards: load_dataset(folder) reads the shards, PEFT users learn what an adapter is
+                cards.write(cfg, name, out, metrics, decided.inputs[name], made_by)
             record = {
                 "stage": name,
                 "config_hash": decided.hashes[name],
@@ -409,34 +445,16 @@ def _resumes(cfg: Config, decided: Plan, name: str) -> bool:
             and marker.read_text() == _resume_key(cfg, decided, name))
 
 
-class StageLogFilter(logging.Filter):
-    """Prefix every log line with the stage that is running."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.stage = current_stage.get()
-        return True
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler()
-    handler.addFilter(StageLogFilter())
-    # Under torchrun/accelerate the other ranks log only warnings, tagged with their rank: rank 0 tells the story.
-    rank = "" if distributed.is_main() else f"rank {distributed.rank()} "
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {rank}[%(stage)s] %(message)s", "%H:%M:%S"))
-    # bitsandbytes warns on import that an optional CPU kernel package is missing; NF4 works without it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    root = logging.getLogger("cai_lite")
-    root.handlers[:] = [handler]
-    root.setLevel(level if distributed.is_main() else max(logging.getLevelName(level), logging.WARNING))
-    root.propagate = False
-
-
 def summary(cfg: Config, results: dict[str, dict]) -> str:
     """A compact table of what ran, for the end of `python run.py`."""
     lines = [f"run: {cfg.path}", f"{'stage':<18} {'seconds':>8} {'peak MB':>8}  result"]
     for name, r in results.items():
         key = STAGES[NAMES.index(name)].HEADLINE  # the one metric per stage worth a glance on the terminal
-        lines.append(f"{name:<18} {r.get('seconds', 0):>8.1f} {r.get('peak_memory_mb', 0):>8.0f}  {key}={r.get(key)}")
+        value = r.get(key)
+        # A sentence as it is; a number rounded to 4 significant digits (stage.json keeps every digit).
+        shown = (value if isinstance(value, str) else f"{key}={value:.4g}" if isinstance(value, float)
+                 else f"{key}={value}")
+        lines.append(f"{name:<18} {r.get('seconds', 0):>8.1f} {r.get('peak_memory_mb', 0):>8.0f}  {shown}")
     table = rundir.stage_dir(cfg.path, "evaluate") / "summary.txt"
     if "evaluate" in results and table.is_file():
         lines += ["", table.read_text().rstrip()]

@@ -14,6 +14,7 @@ before any model loads.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import yaml
@@ -184,6 +185,8 @@ def validate(cfg: Config) -> list[str]:
             if s not in STAGES:
                 e.append(f"{key}: unknown stage {s!r} (stages: {', '.join(STAGES)})")
     e += check_ranges(cfg)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.base.device):
+        e.append(f"base.device: expected auto, cpu, cuda or cuda:N, got {cfg.base.device!r}")
     if cfg.ppo.minibatch_size >= 1 and cfg.ppo.batch_size % cfg.ppo.minibatch_size:
         e.append(f"ppo.batch_size ({cfg.ppo.batch_size}) must be a multiple of ppo.minibatch_size ({cfg.ppo.minibatch_size})")
     if not cfg.export.gguf_types:

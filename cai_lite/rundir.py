@@ -49,6 +49,11 @@ def stage_dir(run: Path, stage: str) -> Path:
     return run / stage
 
 
+def log_path(run: Path) -> Path:
+    """`runs/<run>/run.log`: every run's log lines and the libraries' messages (logs.py), appended."""
+    return run / "run.log"
+
+
 def adapter_dir(run: Path, stage: str) -> Path:
     """The PEFT folder a training stage leaves (its OUTPUTS name `adapter`)."""
     return stage_dir(run, stage) / "adapter"
@@ -243,7 +248,6 @@ def recover(run: Path) -> list[str]:
 def versions() -> dict:
     """What made the outputs: the library versions and, in a git checkout, the commit."""
     import importlib.metadata as md
-    import subprocess
 
     out = {}
     for name in ("cai_lite", "torch", "transformers", "trl", "peft", "bitsandbytes"):
@@ -251,13 +255,24 @@ def versions() -> dict:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             out[name] = None
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                             timeout=5)
-        out["git_commit"] = git.stdout.strip() if git.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):  # no git on this machine
-        out["git_commit"] = None
+    out["git_commit"] = git_commit()
     return out
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout cai_lite runs from; None for an installed wheel (which carries its
+    recipes inside the package, and may sit in a venv inside some other repository) or without git."""
+    import subprocess
+
+    from cai_lite.config import PACKAGE, SHIPPED
+
+    if SHIPPED != PACKAGE.parent:
+        return None
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):  # no git on this machine
+        return None
+    return git.stdout.strip() if git.returncode == 0 else None
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -171,27 +171,42 @@ def _coerce(value: Any, t: Any, key: str, errors: list[str], raw: str | None) ->
     raise TypeError(f"{key}: unsupported schema type {t}")
 
 
-def _unknown(key: str, known: list[str], errors: list[str]) -> None:
+def _unknown(key: str, known: list[str], errors: list[str], root: type) -> None:
+    """`KEY: no such key`, and the key meant: where the last part is another tool's name for one of
+    ours (the root class's OTHER_NAMES, e.g. TRL's learning_rate), ours within KEY's section; else
+    the closest spelling."""
+    section, _, name = key.rpartition(".")
+    meant = getattr(root, "OTHER_NAMES", {}).get(name)
+    if isinstance(meant, str):  # a setting we do not have, and why
+        errors.append(f"{key}: no such key ({meant})")
+        return
+    ours = [k for k in meant or [] if not section or k.startswith(section + ".")]
+    if ours:
+        listed = f"{', '.join(ours[:-1])} or {ours[-1]}? each stage has its own" if len(ours) > 1 else f"{ours[0]}?"
+        errors.append(f"{key}: no such key (did you mean {listed})")
+        return
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]}?)" if close else ""
     errors.append(f"{key}: no such key{hint}")
 
 
-def build(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
-    """Instantiate `cls` from nested `data`, defaults filling the gaps; errors are appended."""
+def build(cls: type, data: dict, prefix: str, errors: list[str], root: type | None = None) -> Any:
+    """Instantiate `cls` from nested `data`, defaults filling the gaps; errors are appended. `root`:
+    the class of the whole tree (`cls` at the top), whose OTHER_NAMES guide "did you mean"."""
+    root = root or cls
     known = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         key = prefix + str(name)
         if name not in known:
-            _unknown(key, all_keys(cls, prefix), errors)
+            _unknown(key, all_keys(cls, prefix), errors, root)
             continue
         t = _hints(cls)[name]
         v = _coerce(value, t, key, errors, None)
         if v is None:
             continue
         if dataclasses.is_dataclass(t):
-            v = build(t, v, key + ".", errors)
+            v = build(t, v, key + ".", errors, root)
         kwargs[name] = v
     return cls(**kwargs)
 
@@ -215,7 +230,7 @@ def apply_override(obj: Any, root: type, key: str, value: Any, raw: str, errors:
     for i, part in enumerate(parts):
         names = {f.name for f in dataclasses.fields(cls)}
         if part not in names:
-            _unknown(key, all_keys(root), errors)
+            _unknown(key, all_keys(root), errors, root)
             return
         t = _hints(cls)[part]
         if i == len(parts) - 1:
@@ -226,7 +241,7 @@ def apply_override(obj: Any, root: type, key: str, value: Any, raw: str, errors:
                 # A whole section (or its shorthand) replaces only the fields it names.
                 current = dataclasses.asdict(getattr(target, part))
                 current.update(v)
-                v = build(t, current, key + ".", errors)
+                v = build(t, current, key + ".", errors, root)
             setattr(target, part, v)
             return
         if not dataclasses.is_dataclass(t):

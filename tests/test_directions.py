@@ -302,9 +302,9 @@ def test_reward_model_run_learns_the_labels_and_records_stats(tmp_path, monkeypa
     data.write_shard(data.shard_path(cfg.path / "label_preferences", 0), rows)
     w = torch.nn.Parameter(torch.zeros(()))
     calls = []
-    base = SimpleNamespace(adapters=["reward"], sources={})
-    for name in ("delete_adapter", "add_adapter", "add_head", "freeze", "save_adapter"):
-        owner = adapter_files if name == "save_adapter" else models
+    base = SimpleNamespace(adapters=["reward"], sources={}, heads={"reward": torch.nn.Linear(1, 1)})
+    for name in ("delete_adapter", "add_adapter", "add_head", "freeze", "save_adapter", "save_classifier"):
+        owner = adapter_files if name.startswith("save") else models
         monkeypatch.setattr(owner, name, lambda b, n, *a, _name=name: calls.append((_name, n)))
     monkeypatch.setattr(models, "adapter_parameters", lambda b, n: [w])
     monkeypatch.setattr(models, "role", lambda b, n, trainable=False: contextlib.nullcontext(torch.nn.Module()))
@@ -317,12 +317,12 @@ def test_reward_model_run_learns_the_labels_and_records_stats(tmp_path, monkeypa
         [1.0, 3.0] * (len(ps) // 2)))
     out = reward_model.run(cfg, base, cfg.path / "reward_model")
     assert calls == [("delete_adapter", "reward"), ("add_adapter", "reward"), ("add_head", "reward"),
-                     ("freeze", "reward"), ("save_adapter", "reward")]
+                     ("freeze", "reward"), ("save_adapter", "reward"), ("save_classifier", "reward")]
     assert out["train_pairs"] == 4 and out["eval_pairs"] == 2 and out["skipped_failed_labels"] == 0
     assert w.item() > 0.2  # it learned that 'good' is preferred
     assert out["eval_accuracy"] == 1.0 and out["loss_last"] < out["loss_first"]
     log = [json.loads(line) for line in (cfg.path / "reward_model" / "log.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in log] == list(range(6))  # 3 epochs of 2 batches
+    assert [h["step"] for h in log] == list(range(1, 7))  # 3 epochs of 2 batches, counted from 1 as Trainer does
     assert out["loss_first"] == pytest.approx(log[0]["loss"]) and out["loss_last"] == pytest.approx(log[-1]["loss"])
     assert log[0]["loss"] == pytest.approx(math.log(2))  # w = 0: every pair a coin flip
     ps, rs = scored["args"]

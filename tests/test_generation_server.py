@@ -56,7 +56,7 @@ def test_critique_revise_through_a_llama_cpp_server(server, sharp_llama, tmp_pat
     remote = tiny_config(tmp_path / "remote", sharp_llama, *SMALL, "generation.backend=openai",
                          f"generation.base_url={server}", "generation.concurrency=2")
     want = pipeline.run(local)["critique_revise"]
-    # On the module's own logger: setup_logging (run by other tests) stops cai_lite records reaching caplog.
+    # On the module's own logger: logs.setup (run by the CLI in other tests) stops cai_lite records reaching caplog.
     warned: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = warned.append
@@ -95,10 +95,11 @@ def test_partial_shards_resume_only_on_the_backend_that_began_them(tmp_path, fak
                           "generation.backend=openai"])
     stage_json = local.path / "critique_revise" / "stage.json"
     pipeline.run(local)
-    stage_json.unlink()  # killed after its first shard
+    card = stage_json.with_name("README.md")  # written with stage.json, at the end: a killed stage has neither
+    stage_json.unlink(), card.unlink()  # killed after its first shard
     pipeline.run(local)
     assert seen["critique_revise"] == [".resume_key", "part-00000.jsonl"]  # resumed
-    stage_json.unlink()
+    stage_json.unlink(), card.unlink()
     pipeline.run(remote)
     assert seen["critique_revise"] == [".resume_key"]  # begun afresh: no shards of two engines in one output
     # A finished stage is not redone for another backend: the backend is not in the config hash.

@@ -22,7 +22,7 @@ from cai_lite import adapter_files, data, losses, models, rollout
 from cai_lite.recipe import load_config
 from cai_lite.stages import reward_model
 
-BASE = SimpleNamespace(adapters=["reward"], sources={}, tokenizer="TOK")
+BASE = SimpleNamespace(adapters=["reward"], sources={}, tokenizer="TOK", heads={"reward": torch.nn.Linear(1, 1)})
 
 
 def _rows(n: int) -> list[dict]:
@@ -53,8 +53,8 @@ def stubbed(run, batch_size: int, monkeypatch) -> SimpleNamespace:
             calls.append((name, *a))
         return f
 
-    for name in ("delete_adapter", "add_adapter", "add_head", "freeze", "save_adapter"):
-        monkeypatch.setattr(adapter_files if name == "save_adapter" else models, name, record(name))
+    for name in ("delete_adapter", "add_adapter", "add_head", "freeze", "save_adapter", "save_classifier"):
+        monkeypatch.setattr(adapter_files if name.startswith("save") else models, name, record(name))
     monkeypatch.setattr(models, "adapter_parameters", lambda b, n: (b is BASE and n == "reward") and [w])
 
     @contextlib.contextmanager
@@ -87,6 +87,7 @@ def test_training_equals_a_hand_written_replay(stage):
     rows = _rows(13)
     (cfg.path / "label_preferences").mkdir(parents=True)
     data.write_shard(data.shard_path(cfg.path / "label_preferences", 0), rows)
+    BASE.heads["reward"].bias.data.fill_(0.5)
     got = reward_model.run(cfg, BASE, out)
     # The same split, batches and optimiser by hand.
     shuffled = data.read_shards(cfg.path / "label_preferences")
@@ -114,7 +115,10 @@ def test_training_equals_a_hand_written_replay(stage):
     assert got["train_pairs"] == 10 and got["eval_pairs"] == 3
     # Roles: trained with the reward adapter trainable, evaluated frozen.
     assert stage.roles == [True, False]
-    assert stage.calls == [("delete_adapter",), ("add_adapter",), ("add_head",), ("freeze",), ("save_adapter", out / "adapter")]
+    assert stage.calls == [("delete_adapter",), ("add_adapter",), ("add_head",), ("freeze",),
+                           ("save_adapter", out / "adapter"), ("save_classifier", out / "classifier")]
+    # Bradley-Terry cannot learn the head's bias: it is 0 when saved, as a sequence classifier's score has none.
+    assert BASE.heads["reward"].bias.item() == 0
     # The reward statistics are over both responses of every training pair.
     (ps, rs), = stage.scored
     assert ps == [r["prompt"][-1]["content"] for r in train for _ in "ab"]
@@ -122,12 +126,14 @@ def test_training_equals_a_hand_written_replay(stage):
     scores = torch.arange(20, dtype=torch.float)
     assert got["reward_stats"] == {"mean": pytest.approx(scores.mean().item()), "std": pytest.approx(scores.std().item())}
     assert got["eval_calibration"]["n"] == 3 and got["eval_accuracy"] == got["eval_calibration"]["accuracy"]
-    # TensorBoard: the loss per step and the held-out metrics after the last step.
+    # TensorBoard, through transformers' callback as Trainer drives it: the loss after each step (steps count
+    # from 1, as in the TRL stages) and the held-out metrics after the last step.
     events = EventAccumulator(str(out / "tensorboard")).Reload()
-    assert [(e.step, round(e.value, 5)) for e in events.Scalars("reward_model/loss")] == \
-        [(i, round(x, 5)) for i, x in enumerate(want_losses)]
-    assert [e.step for e in events.Scalars("reward_model/eval_accuracy")] == [10]
-    assert [e.step for e in events.Scalars("reward_model/eval_brier")] == [10]
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("train/loss")] == \
+        [(i, round(x, 5)) for i, x in enumerate(want_losses, 1)]
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [10]
+    assert [e.step for e in events.Scalars("eval/brier")] == [10]
+    assert [h["step"] for h in log] == list(range(1, 11))
 
 
 def test_a_new_run_adds_the_adapter_without_deleting_and_a_tiny_split_holds_out_one(stage, monkeypatch):

@@ -7,8 +7,8 @@ labels into cDPO label smoothing (`dpo.label_smoothing=soft`: eps = mean(1 - max
 the judge's average doubt); precompute reference log-probs once.
 
 Reads `label_preferences/part-*.jsonl` and `sft/adapter`. Writes `dpo/adapter/`, `dpo/log.jsonl`
-(a line per step), TensorBoard logs under `dpo/tensorboard/` and, every `dpo.save_every` steps,
-`dpo/checkpoint/`, which a rerun resumes from (deleted at the end).
+(a line per step), the `report_to` logs (TensorBoard: `dpo/tensorboard/`) and, every `dpo.save_every`
+steps, `dpo/checkpoint/`, which a rerun resumes from (deleted at the end).
 
     python run.py recipe=tiny_cpu stages=[dpo]
 """
@@ -19,11 +19,9 @@ import logging
 from pathlib import Path
 
 from datasets import Dataset
-from torch.utils.tensorboard import SummaryWriter
-from transformers.integrations import TensorBoardCallback
 from trl import DPOConfig, DPOTrainer
 
-from cai_lite import adapter_files, checkpoint, data, distributed, models, rundir
+from cai_lite import adapter_files, checkpoint, data, distributed, models, rundir, tracking
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -71,15 +69,15 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         max_length=dc.max_seq_len,
     )
     resumed = checkpoint.steps_done(checkpoint.folder(out))
-    # purge_step drops what is done again. Under torchrun/accelerate only rank 0 writes logs and files.
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1) if distributed.is_main() else None
-    with models.trl_policy(base, "sft") as model:
+    # Under torchrun/accelerate only rank 0 writes logs and files.
+    with models.trl_policy(base, "sft") as model, tracking.callbacks(cfg, out, resumed) as report:
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=base.tokenizer,
-                             callbacks=[TensorBoardCallback(writer),
+                             callbacks=[*report,
                                         checkpoint.JsonlLog(out / "log.jsonl",
                                                             lambda h, i: h if "rewards/margins" in h else None),
                                         checkpoint.TrainerCheckpoints(out, base, "default", dc.save_every)])
+        tracking.quiet(trainer, "dpo")
         checkpoint.train(trainer, base, "default", out)
         if distributed.is_main():
             adapter_files.save_adapter(base, "default", out / "adapter")
@@ -101,5 +99,6 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         "when_to_use": "DPO: offline, no reward model or sampling, the least memory and compute; it cannot improve "
                        "beyond the labelled pairs, so use PPO/RLOO when you can afford on-policy samples.",
     }
-    log.info("dpo: %d pairs, margin %s -> %s", len(rows), metrics["margin_first"], metrics["margin_last"])
+    log.info("dpo: %d pairs, margin %s -> %s", len(rows),
+             *(f"{m:.4g}" if m is not None else "-" for m in (metrics["margin_first"], metrics["margin_last"])))
     return metrics

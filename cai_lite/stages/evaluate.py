@@ -28,7 +28,8 @@ import transformers
 from tqdm.auto import tqdm
 
 from cai_lite import constitution as C
-from cai_lite import (adapter_files, browse, data, generation, generation_http, judges, paper_evals, ratings, report,
+from cai_lite import (adapter_files, browse, data, downloads, generation, generation_http, judges, paper_evals,
+                      ratings, report,
                       rollout, rundir, voting)
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
@@ -52,8 +53,8 @@ def check(cfg: Config) -> list[str]:
     errors += data.check_source("evaluate.helpful_prompts", cfg.evaluate.helpful_prompts)
     for key in ("hhh_path", "harmful_vs_ethical_path"):
         value = getattr(cfg.evaluate, key)
-        if value and not Path(value).is_file():
-            errors.append(f"evaluate.{key}: {value}: file not found")
+        if value and not Path(value).is_file():  # optional: the paper's evals, beside the pairwise ones
+            errors.append(downloads.missing(f"evaluate.{key}", value, off=f"evaluate.{key}= to skip that eval"))
         elif value:
             try:
                 paper_evals.load_items(value)
@@ -173,7 +174,7 @@ def _finite(x):
 
 def _responses(cfg: Config, base: SharedBase, present: dict, red: list, helpful: list) -> dict:
     out = {}
-    for name, adapter in tqdm(present.items(), desc="evaluate: answers", total=len(present)):
+    for name, adapter in tqdm(present.items(), desc="evaluate: answers", total=len(present), leave=False):
         out[name] = {}
         for kind, prompts in (("red_team", red), ("helpful", helpful)):
             # Seeded per model and prompt set: a model's answers do not depend on which others are evaluated.
@@ -211,7 +212,7 @@ def _judge_everything(cfg: Config, base: SharedBase, const: C.Constitution, pane
     win_rates: dict[str, dict] = {}
     outcomes: list[ratings.Outcome] = []
     tally: dict[str, list[int]] = {}
-    for m, o in tqdm(pairs, desc="evaluate: win rates"):
+    for m, o in tqdm(pairs, desc="evaluate: win rates", leave=False):  # cleared for the last phase's bar
         for kind, prompts, fixed in (("harmless", red, None), ("helpful", helpful, C.HELPFUL_PRINCIPLE)):
             src = "red_team" if kind == "harmless" else "helpful"
             comps = [judges.Comparison(data.conversation_text(p.text), responses[m][src][i], responses[o][src][i],

@@ -37,7 +37,7 @@ KEYS = rundir.BASE_KEYS + ("export",)
 READS = ()
 OPTIONAL_READS = ("sft", "ppo", "rloo", "dpo")
 OUTPUTS = ("hf", "Modelfile")
-HEADLINE = "gguf"
+HEADLINE = "written"
 
 
 def run(cfg: Config, base: SharedBase, out: Path) -> dict:
@@ -54,4 +54,6 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         files[t] = {"path": str(path), "bytes": path.stat().st_size}
         log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 2**20)
     modelfile = write_modelfile(out, f"model-{ec.gguf_types[0]}.gguf", base.tokenizer)
-    return {"adapter": ec.adapter, "hf_folder": str(hf), "gguf": files, "modelfile": str(modelfile)}
+    ggufs = ", ".join(f"{Path(f['path']).name} ({f['bytes'] / 2**20:.1f} MB)" for f in files.values())
+    return {"adapter": ec.adapter, "hf_folder": str(hf), "gguf": files, "modelfile": str(modelfile),
+            "written": f"{ggufs}, hf/ and Modelfile in {out} (adapter {ec.adapter})"}

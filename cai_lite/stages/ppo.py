@@ -11,9 +11,10 @@ Roles, switched by `models.role` (which restores the active adapter and requires
 
 Reads `sft/adapter`, `reward_model/adapter`, `reward_model/reward_stats.json`, the prompts and the
 helpful prompts of the mix (`ppo.helpful_prompts`).
-Writes `ppo/adapter/` (the policy), `ppo/log.jsonl` (one line per step), TensorBoard logs under `ppo/tensorboard/`
-and, every `ppo.save_every` steps, `ppo/checkpoint/` (policy, value and head, optimizer, KL coefficient, random
-generators, history), which a rerun resumes from, bit for bit (deleted at the end).
+Writes `ppo/adapter/` (the policy), `ppo/log.jsonl` (one line per step, from step 1), the `report_to`
+logs (TensorBoard: `ppo/tensorboard/`) and, every `ppo.save_every` steps, `ppo/checkpoint/` (policy,
+value and head, optimizer, KL coefficient, random generators, history), which a rerun resumes from,
+bit for bit (deleted at the end).
 
     python run.py recipe=tiny_cpu stages=[ppo]
 """
@@ -27,10 +28,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from cai_lite import adapter_files, checkpoint, data, losses, models, rollout, rundir
+from cai_lite import adapter_files, checkpoint, data, losses, models, rollout, rundir, tracking
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -102,22 +102,22 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     start, history, kl_ctl.coef = resumed["step"], resumed["history"], resumed["kl_coef"]
     for _ in range(start):
         next(stream)  # seeded: skipping the batches already trained on puts it where it was
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start)  # drop what is done again
-    with (out / "log.jsonl").open("w") as log_file:
+    with (out / "log.jsonl").open("w") as log_file, \
+            tracking.tracker(cfg, out, start, pc.steps, learning_rate=pc.lr, per_device_train_batch_size=pc.batch_size,
+                             gradient_accumulation_steps=pc.grad_accum) as report:
         log_file.writelines(json.dumps(h) + "\n" for h in history)
-        for step in (bar := tqdm(range(start, pc.steps), desc="ppo", initial=start, total=pc.steps)):
+        # Step N: after N rollout -> update iterations, counted from 1 as Trainer counts its steps.
+        for step in (bar := tqdm(range(start + 1, pc.steps + 1), desc="ppo", initial=start, total=pc.steps)):
             rec = ppo_step(cfg, base, next(stream), stats, kl_ctl, opt, params)
+            report(step, rec)
             rec["step"] = step
             history.append(rec)
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()  # a killed run keeps every step it finished
-            for k, v in rec.items():
-                writer.add_scalar(f"ppo/{k}", v, step)
             bar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl']:.3f}")
-            if checkpoint.due(step + 1, pc.save_every, pc.steps):
+            if checkpoint.due(step, pc.save_every, pc.steps):
                 checkpoint.save(out, base, ["policy", "value"], opt,
-                                {"step": step + 1, "history": history, "kl_coef": kl_ctl.coef})
-    writer.close()
+                                {"step": step, "history": history, "kl_coef": kl_ctl.coef})
     adapter_files.save_adapter(base, "policy", out / "adapter")
     checkpoint.done(out)
     k = max(1, min(3, len(history) // 3))

@@ -8,10 +8,13 @@ rank 0 alone writes. A checkpoint records the first pair not yet trained on, so 
 number of processes continues there (in steps of its own size).
 
 Reads `label_preferences/part-*.jsonl` (rows with p_a; failed labels are skipped and counted).
-Writes `reward_model/adapter/` (PEFT folder + head.safetensors), `reward_model/reward_stats.json`
+Writes `reward_model/adapter/` (PEFT folder + head.safetensors, what later stages load),
+`reward_model/classifier/` (the same as a PEFT sequence-classification folder, for transformers + peft
+users: AutoPeftModelForSequenceClassification, num_labels=1), `reward_model/reward_stats.json`
 (mean/std of scores on the training responses, for normalising RL rewards), `log.jsonl` (flushed
-per step), TensorBoard scalars under `reward_model/tensorboard/` and, every `reward_model.save_every`
-steps, `reward_model/checkpoint/`, which a rerun resumes from (deleted at the end).
+per step), the `report_to` logs (TensorBoard: `reward_model/tensorboard/`; the loss at steps 1..N,
+held-out accuracy and Brier score at N) and, every `reward_model.save_every` steps,
+`reward_model/checkpoint/`, which a rerun resumes from (deleted at the end).
 
     python run.py recipe=tiny_cpu stages=[reward_model]
 """
@@ -25,10 +28,9 @@ import random
 from pathlib import Path
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from cai_lite import adapter_files, checkpoint, data, distributed, generation, losses, models, rollout, rundir
+from cai_lite import adapter_files, checkpoint, data, distributed, generation, losses, models, rollout, rundir, tracking
 from cai_lite.config import Config
 from cai_lite.models import SharedBase
 
@@ -91,7 +93,7 @@ def plan_steps(n_pairs: int, batch_size: int, epochs: int, processes: int,
 KEYS = rundir.BASE_KEYS + ("lora", "reward_model")
 READS = ("label_preferences",)
 OPTIONAL_READS = ()
-OUTPUTS = ("adapter", "reward_stats.json", "log.jsonl")
+OUTPUTS = ("adapter", "classifier", "reward_stats.json", "log.jsonl")
 HEADLINE = "eval_accuracy"
 
 
@@ -120,45 +122,48 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     total = start + len(steps)
     # Only rank 0 writes: the other processes log to nowhere.
     main = distributed.is_main()
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start) if main else None  # drop what is done again
     log_path = out / "log.jsonl" if main else Path(os.devnull)
-    with models.role(base, "reward", trainable=True) as model, log_path.open("w") as log_file:
-        log_file.writelines(json.dumps(h) + "\n" for h in history)
-        model.train()
-        bar = tqdm(steps, desc="reward model", initial=start, total=total, disable=not main)
-        for step, (epoch, first, end) in enumerate(bar, start):
-            rows = train[first:end]
-            chunk = distributed.share(rows)
-            r_a, r_b = pair_scores(base, chunk, rm.max_seq_len)
-            p = torch.tensor([r["p_a"] for r in chunk], device=r_a.device)
-            # Weighted by this process's share, so the summed gradient is that of the mean over the step's pairs.
-            loss = loss_fn(cfg, r_a, r_b, p) * (len(chunk) / len(rows))
-            opt.zero_grad()
-            loss.backward()
-            distributed.sum_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            history.append({"step": step, "loss": distributed.total(loss).item()})
-            log_file.write(json.dumps(history[-1]) + "\n")
-            log_file.flush()
-            if writer:
-                writer.add_scalar("reward_model/loss", history[-1]["loss"], step)
-            if checkpoint.due(step + 1, rm.save_every, total):
-                checkpoint.save(out, base, ["reward"], opt, {"step": step + 1, "position": [epoch, end],
-                                                             "history": history})
-        model.eval()
-    models.freeze(base, "reward")
-    evaluation = evaluate_pairs(base, held, rm.batch_size, rm.max_seq_len)
-    for key in ("accuracy", "brier"):
-        if writer and evaluation[key] is not None:
-            writer.add_scalar(f"reward_model/eval_{key}", evaluation[key], len(history))
-    if writer:
-        writer.close()
+    with tracking.tracker(cfg, out, start, total, learning_rate=rm.lr,
+                          per_device_train_batch_size=rm.batch_size, num_train_epochs=rm.epochs) as report:
+        with models.role(base, "reward", trainable=True) as model, log_path.open("w") as log_file:
+            log_file.writelines(json.dumps(h) + "\n" for h in history)
+            model.train()
+            bar = tqdm(steps, desc="reward_model", initial=start, total=total, disable=not main)
+            for step, (epoch, first, end) in enumerate(bar, start + 1):  # step N: after N optimizer steps, as Trainer counts
+                rows = train[first:end]
+                chunk = distributed.share(rows)
+                r_a, r_b = pair_scores(base, chunk, rm.max_seq_len)
+                p = torch.tensor([r["p_a"] for r in chunk], device=r_a.device)
+                # Weighted by this process's share, so the summed gradient is that of the mean over the step's pairs.
+                loss = loss_fn(cfg, r_a, r_b, p) * (len(chunk) / len(rows))
+                opt.zero_grad()
+                loss.backward()
+                distributed.sum_gradients(params)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                history.append({"step": step, "loss": distributed.total(loss).item()})
+                log_file.write(json.dumps(history[-1]) + "\n")
+                log_file.flush()
+                report(step, {"loss": history[-1]["loss"]})
+                if checkpoint.due(step, rm.save_every, total):
+                    checkpoint.save(out, base, ["reward"], opt, {"step": step, "position": [epoch, end],
+                                                                 "history": history})
+            model.eval()
+        models.freeze(base, "reward")
+        # Bradley-Terry sees score differences only: the head's bias gets no gradient but rounding residue,
+        # which Adam scales to lr-sized steps. At 0, every score is that of a bias-free sequence classifier
+        # (reward_model/classifier/), and RL's normalised rewards do not change.
+        with torch.no_grad():
+            base.heads["reward"].bias.zero_()
+        evaluation = evaluate_pairs(base, held, rm.batch_size, rm.max_seq_len)
+        report(len(history), {f"eval_{key}": evaluation[key] for key in ("accuracy", "brier")
+                              if evaluation[key] is not None})
     scores = rollout.score(base, [r["prompt"][-1]["content"] for r in train for _ in (0, 1)],
                            [r[k] for r in train for k in ("response_a", "response_b")], rm.batch_size, rm.max_seq_len)
     stats = {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 1.0}
     if main:
         adapter_files.save_adapter(base, "reward", out / "adapter")
+        adapter_files.save_classifier(base, "reward", out / "classifier")
         (out / "reward_stats.json").write_text(json.dumps(stats) + "\n")
     checkpoint.done(out)
     base.sources["reward"] = str((out / "adapter").resolve())

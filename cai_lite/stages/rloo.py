@@ -9,7 +9,7 @@ others. No value function, so it needs less memory than PPO. TRL shares our base
 
 Reads `sft/adapter`, `reward_model/adapter`, `reward_model/reward_stats.json`, the prompts and the
 helpful prompts of the mix (`rloo.helpful_prompts`).
-Writes `rloo/adapter/`, `rloo/log.jsonl` (a line per step), TensorBoard logs under `rloo/tensorboard/`
+Writes `rloo/adapter/`, `rloo/log.jsonl` (a line per step), the `report_to` logs (TensorBoard: `rloo/tensorboard/`)
 and, every `rloo.save_every` steps, `rloo/checkpoint/`, which a rerun resumes from (deleted at the end).
 
     python run.py recipe=tiny_cpu stages=[rloo]
@@ -24,11 +24,9 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from torch.utils.tensorboard import SummaryWriter
-from transformers.integrations import TensorBoardCallback
 from trl import RLOOConfig, RLOOTrainer
 
-from cai_lite import adapter_files, checkpoint, data, distributed, models, rollout, rundir
+from cai_lite import adapter_files, checkpoint, data, distributed, models, rollout, rundir, tracking
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -88,18 +86,18 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
         disable_dropout=True,
         max_steps=rc.steps,
     )
-    # purge_step drops what is done again. Under torchrun/accelerate only rank 0 writes logs and files.
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1) if distributed.is_main() else None
+    # Under torchrun/accelerate only rank 0 writes logs and files.
     # TRL generates once per optimizer step here (steps_per_generation = gradient_accumulation_steps = 1),
     # so the i-th step's log goes with the i-th reward call, also after a resume.
-    with models.trl_policy(base, "sft") as model:
+    with models.trl_policy(base, "sft") as model, tracking.callbacks(cfg, out, resumed) as report:
         trainer = RLOOTrainer(model=model, reward_funcs=[reward_fn], args=args, train_dataset=Dataset.from_list(rows),
                               processing_class=base.tokenizer,
-                              callbacks=[TensorBoardCallback(writer),
+                              callbacks=[*report,
                                          checkpoint.JsonlLog(out / "log.jsonl", lambda h, i: (
                                              {**h, "reward_raw": raw_means[i]} if "reward" in h else None)),
                                          checkpoint.TrainerCheckpoints(out, base, "default", rc.save_every,
                                                                        lambda: {"raw_means": raw_means})])
+        tracking.quiet(trainer, "rloo")
         checkpoint.train(trainer, base, "default", out)
         if distributed.is_main():
             adapter_files.save_adapter(base, "default", out / "adapter")

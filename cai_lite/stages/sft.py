@@ -1,8 +1,8 @@
 """Stage sft: fine-tune the `sft` LoRA adapter on the shared NF4 base with TRL's SFTTrainer, on the
 revisions from critique_revise (CAI §3). The loss covers the completion (the revision) only.
 
-Reads `critique_revise/part-*.jsonl`. Writes `sft/adapter/` (PEFT format, safetensors), TensorBoard
-logs under `sft/tensorboard/`, `sft/train_log.jsonl` (the trainer's log history, a line per step) and,
+Reads `critique_revise/part-*.jsonl`. Writes `sft/adapter/` (PEFT format, safetensors), the `report_to`
+logs (TensorBoard: `sft/tensorboard/`), `sft/train_log.jsonl` (the trainer's log history, a line per step) and,
 every `sft.save_every` steps, `sft/checkpoint/`, which a rerun resumes from (deleted at the end).
 
     python run.py recipe=tiny_cpu stages=[critique_revise,sft]
@@ -15,11 +15,9 @@ import random
 from pathlib import Path
 
 from datasets import Dataset
-from torch.utils.tensorboard import SummaryWriter
-from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig, SFTTrainer
 
-from cai_lite import adapter_files, checkpoint, data, distributed, models, rundir
+from cai_lite import adapter_files, checkpoint, data, distributed, models, rundir, tracking
 from cai_lite.config import Config, trl_args
 from cai_lite.models import SharedBase
 
@@ -79,14 +77,13 @@ def run(cfg: Config, base: SharedBase, out: Path) -> dict:
     ckpt = checkpoint.folder(out)
     resumed = checkpoint.steps_done(ckpt)
     tokens_before = max((h.get("num_tokens", 0) for h in checkpoint.logged(ckpt)), default=0)
-    # purge_step: TensorBoard drops what a killed run logged after its checkpoint (Trainer counts from 1).
     # Only rank 0 writes logs and files when torchrun/accelerate start several processes.
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed + 1) if distributed.is_main() else None
-    with models.role(base, "sft", trainable=True) as model:
+    with models.role(base, "sft", trainable=True) as model, tracking.callbacks(cfg, out, resumed) as report:
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                              processing_class=base.tokenizer,
-                             callbacks=[TensorBoardCallback(writer), checkpoint.JsonlLog(out / "train_log.jsonl"),
+                             callbacks=[*report, checkpoint.JsonlLog(out / "train_log.jsonl"),
                                         checkpoint.TrainerCheckpoints(out, base, "sft", s.save_every)])
+        tracking.quiet(trainer, "sft")
         trainer._total_train_tokens = int(tokens_before)  # TRL counts tokens outside the state a resume restores
         result = checkpoint.train(trainer, base, "sft", out)
     base.model.eval()
