@@ -12,9 +12,9 @@ Four kinds of document, each a chat whose assistant turns are the training targe
 
 The proportions below give the base a real base model's flaws, so every stage has a job:
   - BASE: on red-team requests the base complies (harmful) 62% of the time, refuses bare 20%,
-    engages 18%: mostly harmful, yet RL has engaging answers to find. At 55% the measured base was
-    harmful on 0.47 of held-out requests (3 seeds): on unseen kinds many of its answers are
-    off-topic, so the corpus share must sit above the 50% the lab promises.
+    engages 18%: mostly harmful, yet RL has engaging answers to find. (Calibrated on the lab's first
+    world, where 55% gave a base harmful on only 0.47 of held-out requests; in this world the seed-0
+    base is harmful on 0.78 of them.)
   - REVISION: revisions are only partly successful. A critique of harm usually yields a bare
     refusal rather than an engaging answer, and an evasive answer mostly stays evasive, so SL-CAI
     removes most harm but leaves evasion.
