@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cai_lite import constitution as C
-from cai_lite import data, judges, models
+from cai_lite import data, judge_llamacpp, judges, models
 from cai_lite.config import JudgeConfig
 from cai_lite.gguf_export import export_gguf, quantize_gguf
 from cai_lite.recipe import load_config
@@ -100,8 +100,8 @@ def main() -> None:
             path = Path(tmp) / f"{args.shape}-{qtype}.gguf"
             gguf = quantize_gguf(f32, path, qtype) if qtype.startswith("q4_k") else export_gguf(folder, path, qtype)
             f32 = gguf if qtype == "f32" else f32
-            cpp = judges.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(gguf), n_threads=args.threads,
-                                                   n_ctx=args.n_ctx), render)
+            jc = JudgeConfig(backend="llamacpp", gguf_path=str(gguf), n_threads=args.threads, n_ctx=args.n_ctx)
+            cpp = judge_llamacpp.LlamaCppJudge(jc, render)
             try:
                 judges.compare(cpp, comps[:1], True, demos)  # warm-up; its demos stay cached, as in a long run
                 side, before = f"llamacpp-{qtype}", cpp.evaluated_tokens

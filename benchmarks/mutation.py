@@ -45,6 +45,9 @@ class Group:
 
 T_RL = "tests/test_rl.py::"
 T_JUDGES = "tests/test_judges.py::"
+T_PLAN = ("tests/test_pipeline.py::test_speed_only_judge_keys_do_not_refuse",
+          "tests/test_pipeline.py::test_reading_a_missing_stage_is_refused_before_loading", "tests/test_run_dir.py",
+          "tests/test_lab_plan.py", "tests/test_stage_contract.py")
 GROUPS = {
     "losses": Group("cai_lite/losses.py", (
         T_RL + "test_soft_label_loss_matches_hand_computation", T_RL + "test_gae_and_ppo_losses_by_hand",
@@ -67,11 +70,9 @@ GROUPS = {
     "evaluate": Group("cai_lite/stages/evaluate.py", (
         "tests/test_evaluate.py::test_classification_rates_follow_the_judge_not_its_position",
         "tests/test_directions.py", "tests/test_evaluate_numbers.py"), ("_vote", "_judge_everything", "_rates")),
-    "pipeline": Group("cai_lite/pipeline.py", (
-        "tests/test_pipeline.py::test_speed_only_judge_keys_do_not_refuse",
-        "tests/test_pipeline.py::test_reading_a_missing_stage_is_refused_before_loading", "tests/test_run_dir.py",
-        "tests/test_lab_plan.py", "tests/test_stage_contract.py"),
-        ("_pick", "_flatten", "read_stage_json", "_stale", "plan", "_own_changes", "_lab_hash", "run")),
+    "stage_plan": Group("cai_lite/stage_plan.py", T_PLAN,
+                        ("_pick", "_flatten", "read_stage_json", "_stale", "plan", "_own_changes", "_lab_hash")),
+    "pipeline": Group("cai_lite/pipeline.py", T_PLAN, ("run",)),
 }
 KILLED = {"killed", "timeout", "caught by type check"}
 PLACEHOLDER = "tests/test_ratings.py::test_rate_with_ci"  # a pure test that reaches none of the modules

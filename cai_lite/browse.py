@@ -26,7 +26,8 @@ import yaml
 
 from cai_lite import constitution as C
 from cai_lite import data, report, rundir, voting
-from cai_lite.config import STAGES, EvaluateConfig
+from cai_lite.config import STAGES
+from cai_lite.stage_config import EvaluateConfig
 
 log = logging.getLogger(__name__)
 MAX_CHARS = 6000  # per text: a runaway generation must not make the page unreadable (the run dir has it all)

@@ -10,7 +10,8 @@ logits are requested at each prompt's last token only. The wave's common prefix 
 sequence 0, which persists across waves and calls, so the demos are decoded once, not once a wave.
 
 Reads token lists and a llama.cpp context (created with n_seq_max > 1 and a unified KV cache, see
-judges.load_gguf); writes nothing. Used by judges.LlamaCppJudge; tested in tests/test_judge_batch.py.
+judge_llamacpp.load_gguf); writes nothing. Used by judge_llamacpp.LlamaCppJudge; tested in
+tests/test_judge_batch.py.
 """
 
 from __future__ import annotations

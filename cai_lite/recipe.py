@@ -1,11 +1,11 @@
 """Load a recipe into a validated Config: `load_config(argv)`, `validate(cfg)`, and `--help`.
 
-Reads `recipes/<name>.yaml` or any YAML file (plain data that fills the dataclasses of config.py,
-optionally over a parent named by `defaults:`) and overrides from the command line (`key=value`,
-`--key value`, `--config FILE.yaml`). Relative `recipes/...` and `constitutions/...` paths that are
-not in the current directory resolve to the copies shipped with cai_lite. Every problem (unknown
-recipe, unknown key, wrong type, bad range) is collected and raised together as one ConfigError,
-before any model loads.
+Reads `recipes/<name>.yaml` or any YAML file (plain data that fills the dataclasses of config.py and
+stage_config.py, optionally over a parent named by `defaults:`) and overrides from the command line
+(`key=value`, `--key value`, `--config FILE.yaml`). Relative `recipes/...` and `constitutions/...`
+paths that are not in the current directory resolve to the copies shipped with cai_lite. Every
+problem (unknown recipe, unknown key, wrong type, bad range) is collected and raised together as one
+ConfigError, before any model loads.
 
     cai-lite --help recipe=7b_qlora
     python -c "from cai_lite.recipe import load_config; print(load_config(['recipe=tiny_cpu', 'sft.lr=1e-4']).sft)"
@@ -177,8 +177,8 @@ def _resolve_judges(cfg: Config, data: dict, overrides: list) -> None:
 
 def validate(cfg: Config) -> list[str]:
     """Checks that need no file or model: each number field against the range declared beside it in
-    config.py (a negative temperature would quietly mean greedy, a negative learning rate would train
-    backwards), and the rules across fields. Each message names its key."""
+    config.py or stage_config.py (a negative temperature would quietly mean greedy, a negative
+    learning rate would train backwards), and the rules across fields. Each message names its key."""
     e = []
     for key in ("stages", "force"):
         for s in getattr(cfg, key):

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cai_lite import data, models, pipeline
+from cai_lite import data, models, pipeline, stage_plan
 from cai_lite.recipe import load_config
 from cai_lite.tiny import build_tiny_model
 
@@ -124,7 +124,7 @@ def fake_stages(tmp_path, monkeypatch):
             return {"made": name}
         return run
 
-    for name, stage in zip(pipeline.NAMES, pipeline.STAGES):
+    for name, stage in zip(stage_plan.NAMES, stage_plan.STAGES):
         monkeypatch.setattr(stage, "run", fake_run(name, stage))
         monkeypatch.delattr(stage, "check", raising=False)
     monkeypatch.setattr(models, "load_base", lambda cfg: seen.update(cfg=cfg) or stand_in)

@@ -1,9 +1,9 @@
 """The house, held against its design (docs/architecture.md): every `import` in cai_lite, module
 level or inside a function, read with `ast`, and checked against the floors. Arrows run down only:
-the entry (cli, pipeline, planner, recipe) may use stages; stages use the machinery and never one
-another; the machinery never reaches up into a stage or the entry; config is the ground floor. The
-lab is a wing: it uses only the pure prompt builders and data helpers, and only evaluate (its
-oracle) and the pipeline (building its base folder) read it.
+the entry (cli, pipeline, stage_plan, planner, recipe) may use stages; stages use the machinery and
+never one another; the machinery never reaches up into a stage or the entry; config and stage_config
+are the ground floor. The lab is a wing: it uses only the pure prompt builders and data helpers, and
+only evaluate (its oracle) and the pipeline (building its base folder; stage_plan hashing it) read it.
 
     python -m pytest -q tests/test_architecture.py
 """
@@ -14,10 +14,10 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "cai_lite"
-ENTRY = {"cli", "__main__", "pipeline", "planner", "recipe"}
-GROUND = {"config", "typed_yaml"}
+ENTRY = {"cli", "__main__", "pipeline", "stage_plan", "planner", "recipe"}
+GROUND = {"config", "stage_config", "typed_yaml"}
 LAB_MAY_USE = {"constitution", "data", "tiny", "config", "typed_yaml"}  # pure builders, data helpers, tokenizer
-READS_LAB = {"stages.evaluate", "pipeline"}
+READS_LAB = {"stages.evaluate", "pipeline", "stage_plan"}
 
 
 def _module(path: Path) -> str:
@@ -76,6 +76,6 @@ def test_the_lab_knows_no_stage_and_no_shared_base():
 def test_the_reader_sees_real_imports():
     """The checks above are not vacuous: known arrows are found."""
     got = imports()
-    assert "models" in got["stages.sft"] and "stages.sft" in got["pipeline"]
+    assert "models" in got["stages.sft"] and "stages.sft" in got["stage_plan"] and "stage_plan" in got["pipeline"]
     assert "lab.oracle" in got["stages.evaluate"] and "lab.world" in got["lab.corpus"]
     assert floor("stages.sft") == 1 and floor("models") == 2 and floor("config") == 3 and floor("cli") == 0

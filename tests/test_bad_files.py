@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cai_lite import adapter_files, cli, judges, models, rollout
+from cai_lite import adapter_files, cli, judge_llamacpp, models, rollout
 from cai_lite.config import JudgeConfig
 from cai_lite.data import DataError
 from cai_lite.gguf_export import export_gguf
@@ -175,16 +175,16 @@ def test_bad_gguf(case, damage, good_gguf, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (the cpu-judge extra) is not installed")
     path = tmp_path / "bad.gguf"
     path.write_bytes(damage(good_gguf.read_bytes()))
-    found = judges.gguf_problems(str(path))
+    found = judge_llamacpp.gguf_problems(str(path))
     assert len(found) == 1 and str(path) in found[0], found
     with pytest.raises(DataError, match="judge.gguf_path") as e:
-        judges.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(path), n_ctx=256), None)
+        judge_llamacpp.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(path), n_ctx=256), None)
     assert str(path) in str(e.value)
 
 
 def test_good_gguf_passes(good_gguf):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (the cpu-judge extra) is not installed")
-    assert judges.gguf_problems(str(good_gguf)) == []
+    assert judge_llamacpp.gguf_problems(str(good_gguf)) == []
 
 
 def test_cli_prints_bad_files_without_a_traceback(tmp_path, tiny_llama, good_adapter, good_gguf, capsys, monkeypatch):

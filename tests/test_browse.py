@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cai_lite import browse, cli, pipeline
+from cai_lite import browse, cli, pipeline, stage_plan
 from cai_lite.data import DataError
 
 from chromium import Chromium, find
@@ -315,5 +315,6 @@ def test_rows_are_spread_over_the_run_and_the_cap_is_no_part_of_the_hash(tmp_pat
     rows = [{"i": i} for i in range(10)]
     assert browse.spread(rows, 4) == ([{"i": 0}, {"i": 2}, {"i": 5}, {"i": 7}], 10)
     assert browse.spread(rows, 0) == (rows, 10) and browse.spread(rows, 10) == (rows, 10)
-    hashes = [pipeline.plan(tiny_config(tmp_path, tiny_llama, f"evaluate.report_rows={n}")).hashes["evaluate"] for n in (1, 500)]
+    hashes = [stage_plan.plan(tiny_config(tmp_path, tiny_llama, f"evaluate.report_rows={n}")).hashes["evaluate"]
+              for n in (1, 500)]
     assert hashes[0] == hashes[1]

@@ -180,4 +180,4 @@ def test_every_number_field_declares_its_range():
                 yield f"{prefix}{f.name}", f.metadata.get("range")
 
     missing = [key for key, span in walk(Config) if span is None]
-    assert missing == [], "give these a range: ranged(default, \"> 0\") in config.py"
+    assert missing == [], "give these a range: ranged(default, \"> 0\") in config.py or stage_config.py"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_lite import pipeline, rundir
+from cai_lite import rundir, stage_plan
 from cai_lite.recipe import load_config
 from cai_lite.typed_yaml import ConfigError
 
@@ -26,7 +26,7 @@ STAGES = ("critique_revise", "sft", "label_preferences")
 
 def _done_all(cfg) -> None:
     """Each selected stage finished, as pipeline.run leaves it (stage.json after its inputs)."""
-    plan = pipeline.plan(cfg)
+    plan = stage_plan.plan(cfg)
     made = {}
     for name in STAGES:
         (cfg.path / name).mkdir(parents=True, exist_ok=True)
@@ -66,11 +66,11 @@ def test_another_model_at_the_same_path_is_a_changed_input(tmp_path, case):
                             else ([f"critique_revise.critic_adapter={folder}"], "critique_revise"))
     cfg = load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'run'}", f"stages=[{','.join(STAGES)}]", *overrides])
     _done_all(cfg)
-    assert set(pipeline.plan(cfg).actions.values()) == {"skip"}
+    assert set(stage_plan.plan(cfg).actions.values()) == {"skip"}
 
     _overwrite_keeping_stat(target, new)  # another model, copied over the file at the same path
     with pytest.raises(ConfigError) as e:  # not skipped as done, with labels of the old model
-        pipeline.plan(cfg)
+        stage_plan.plan(cfg)
     digest = json.loads((cfg.path / stage / "stage.json").read_text())["config"][f"{case}:sha256"]
     changed = rundir.content_digest(target.parent if case != "judge.gguf_path" else target)
     assert changed != digest
@@ -78,10 +78,10 @@ def test_another_model_at_the_same_path_is_a_changed_input(tmp_path, case):
                               f"Use force=[{stage}] to redo it, or run_name= for a new run"]
     forced = load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'run'}", f"stages=[{','.join(STAGES)}]", *overrides,
                           f"force=[{stage}]"])
-    assert pipeline.plan(forced).actions[stage] == "run"
+    assert stage_plan.plan(forced).actions[stage] == "run"
 
     _overwrite_keeping_stat(target, old)  # the same bytes back: the same model, still done
-    assert set(pipeline.plan(cfg).actions.values()) == {"skip"}
+    assert set(stage_plan.plan(cfg).actions.values()) == {"skip"}
 
 
 def test_the_digest_is_cached_by_stat_and_rehashed_on_any_write(tmp_path, monkeypatch):
@@ -109,7 +109,7 @@ def test_the_digest_is_cached_by_stat_and_rehashed_on_any_write(tmp_path, monkey
     assert rundir.content_digest(path, cache) == digest and cache[str(path.resolve())]["stat"][1] == path.stat().st_ino
     # The cache file: written by a plan (conftest points CAI_LITE_CACHE at a temporary folder).
     cfg = load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'run'}", "judge=llamacpp", f"judge.gguf_path={path}"])
-    pipeline.plan(cfg)
+    stage_plan.plan(cfg)
     stored = json.loads((Path(os.environ["CAI_LITE_CACHE"]) / "digests.json").read_text())
     assert stored[str(path.resolve())]["sha256"].startswith(digest)
 

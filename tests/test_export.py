@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cai_lite import adapter_files, models
-from cai_lite.judges import load_gguf
+from cai_lite.judge_llamacpp import load_gguf
 from cai_lite.stages import export
 
 from conftest import tiny_config

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cai_lite.gguf_export as gguf_export
 from cai_lite.gguf_export import export_gguf
-from cai_lite.judges import load_gguf
+from cai_lite.judge_llamacpp import load_gguf
 from cai_lite.tiny import build_tiny_model
 
 TEXTS = [

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cai_lite import modelfile
 from cai_lite.gguf_export import export_gguf, quantize_gguf
-from cai_lite.judges import load_gguf
+from cai_lite.judge_llamacpp import load_gguf
 from cai_lite.tiny import build_tiny_model
 
 # Llama-3.1's rope scaling with the original context shrunk from 8192 to 64, so that at head_dim 16

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from cai_lite import constitution as C
-from cai_lite import data, judges, models, pipeline
+from cai_lite import data, judges, models, pipeline, stage_plan
 from cai_lite.generation import Generated
 from cai_lite.recipe import load_config
 from cai_lite.stages import evaluate, ppo
@@ -90,7 +90,7 @@ def test_evaluate_keeps_every_stages_helpful_prompts_out(tmp_path):
         red, helpful, excluded = evaluate.eval_prompts(cfg)
         assert text not in {p.text for p in helpful} and len(helpful) == 2 and excluded == 1, stage
         # ...and changing it reruns evaluate: the key is in that stage's hash, which evaluate's covers.
-        assert pipeline.plan(cfg).hashes["evaluate"] != pipeline.plan(load_config(args)).hashes["evaluate"], stage
+        assert stage_plan.plan(cfg).hashes["evaluate"] != stage_plan.plan(load_config(args)).hashes["evaluate"], stage
 
 
 @pytest.mark.parametrize("stage", ["label_preferences", "ppo", "rloo"])

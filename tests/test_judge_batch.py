@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from cai_lite import constitution as C
-from cai_lite import data, judges
+from cai_lite import data, judge_llamacpp, judges
 from cai_lite.config import JudgeConfig
 from cai_lite.gguf_export import export_gguf
 from cai_lite.llamacpp_batch import common_prefix, waves
@@ -49,7 +49,7 @@ def _prompts() -> list[judges.ChoicePrompt]:
 def cpp(sharp_llama, tmp_path_factory):
     gguf = export_gguf(sharp_llama, tmp_path_factory.mktemp("gguf") / "sharp-f32.gguf", "f32")
     tok = AutoTokenizer.from_pretrained(sharp_llama)  # the fallback renderer; the GGUF's own template is used
-    judge = judges.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(gguf), n_ctx=N_CTX),
+    judge = judge_llamacpp.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(gguf), n_ctx=N_CTX),
                                  lambda m, p: data.render(tok, m, p))
     yield judge
     judge.close()
@@ -69,7 +69,7 @@ def _fresh(judge, wave_prompts: int, prompts) -> tuple[list, int]:
     try:
         return judge.option_probs(prompts, "AB"), judge.evaluated_tokens - before
     finally:
-        judge.wave_prompts = judges.JUDGE_SEQS - 1
+        judge.wave_prompts = judge_llamacpp.JUDGE_SEQS - 1
 
 
 def _boundary_slack(tokens: list[list[int]], wave_prompts: int) -> int:
@@ -98,7 +98,7 @@ def test_batched_judge_equals_one_prompt_at_a_time(cpp):
     finally:
         cpp.reuse_prefix = True
     one, one_tokens = _fresh(cpp, 1, prompts)  # one at a time, reusing the previous prompt's prefix
-    many, many_tokens = _fresh(cpp, judges.JUDGE_SEQS - 1, prompts)
+    many, many_tokens = _fresh(cpp, judge_llamacpp.JUDGE_SEQS - 1, prompts)
     for i, (a, o, b) in enumerate(zip(alone, one, many)):
         if len(tokens[i]) >= N_CTX:
             assert a is None and o is None and b is None, i  # a failure in its own slot, the others unaffected
@@ -107,7 +107,7 @@ def test_batched_judge_equals_one_prompt_at_a_time(cpp):
             assert o == pytest.approx(a, abs=TOL_SMALL_SUFFIX), i
     assert any(abs(p[0] - 0.5) > 0.05 for p in many if p), "the model has no preferences; the test would be vacuous"
     assert many[8] == many[9]  # equal answers: identical prompts, one sequence
-    assert many_tokens <= one_tokens + _boundary_slack(fits, judges.JUDGE_SEQS - 1)
+    assert many_tokens <= one_tokens + _boundary_slack(fits, judge_llamacpp.JUDGE_SEQS - 1)
     assert one_tokens < alone_tokens == sum(len(t) for t in fits)
     # Waves of 6 split comparison 2 between two waves: more tokens than one at a time, within the bound.
     six, six_tokens = _fresh(cpp, 6, prompts)
@@ -115,19 +115,19 @@ def test_batched_judge_equals_one_prompt_at_a_time(cpp):
     # Another order of the same prompts (other waves, other trees) gives each prompt the same answer.
     order = list(range(len(prompts)))
     random.Random(0).shuffle(order)
-    shuffled, _ = _fresh(cpp, judges.JUDGE_SEQS - 1, [prompts[i] for i in order])
+    shuffled, _ = _fresh(cpp, judge_llamacpp.JUDGE_SEQS - 1, [prompts[i] for i in order])
     assert _close(shuffled, [many[i] for i in order])
 
 
 def test_prefix_stays_cached_across_calls_and_generation(cpp):
     prompts = [p for p in _prompts() if "doors" not in p.messages[-1]["content"]]
-    first, _ = _fresh(cpp, judges.JUDGE_SEQS - 1, prompts[:4])
+    first, _ = _fresh(cpp, judge_llamacpp.JUDGE_SEQS - 1, prompts[:4])
     before = cpp.evaluated_tokens
     again = cpp.option_probs(prompts[:4], "AB")  # sequence 0 holds their common prefix
     reused = cpp.evaluated_tokens - before
     cpp.reuse_prefix = False
     try:
-        cold, cold_tokens = _fresh(cpp, judges.JUDGE_SEQS - 1, prompts[:4])
+        cold, cold_tokens = _fresh(cpp, judge_llamacpp.JUDGE_SEQS - 1, prompts[:4])
     finally:
         cpp.reuse_prefix = True
     assert reused < cold_tokens and _close(again, first) and _close(cold, first)
@@ -141,7 +141,7 @@ def test_a_wave_stopped_part_way_leaves_nothing_stale(cpp, monkeypatch, error):
     sequence 0 described as the previous wave's prefix while its cells hold this wave's tokens."""
     prompts = [p for p in _prompts() if "doors" not in p.messages[-1]["content"]]
     first, second = prompts[:4], prompts[8:12]  # comparisons 0 and 2: their conversations differ
-    want, _ = _fresh(cpp, judges.JUDGE_SEQS - 1, first)  # sequence 0 now holds their common prefix
+    want, _ = _fresh(cpp, judge_llamacpp.JUDGE_SEQS - 1, first)  # sequence 0 now holds their common prefix
     decode, calls = cpp._decoder._decode, []
 
     def stops_after_one_call(*args):
@@ -156,4 +156,4 @@ def test_a_wave_stopped_part_way_leaves_nothing_stale(cpp, monkeypatch, error):
         cpp.option_probs(second, "AB")
     monkeypatch.undo()
     assert _close(cpp.option_probs(first, "AB"), want)  # the same as with nothing cached
-    assert _close(cpp.option_probs(second, "AB"), _fresh(cpp, judges.JUDGE_SEQS - 1, second)[0])
+    assert _close(cpp.option_probs(second, "AB"), _fresh(cpp, judge_llamacpp.JUDGE_SEQS - 1, second)[0])

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from cai_lite import constitution as C
-from cai_lite import data, judges, models, pipeline, voting
+from cai_lite import data, judge_llamacpp, judges, models, pipeline, voting
 from cai_lite.config import JudgeConfig
 from cai_lite.gguf_export import export_gguf
 from cai_lite.judge_http import OpenAIJudge
@@ -137,7 +137,7 @@ def sharp_gguf(sharp_llama, tmp_path_factory):
 
 
 def _llamacpp(path, base):
-    return judges.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(path), n_ctx=2048),
+    return judge_llamacpp.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(path), n_ctx=2048),
                                 lambda m, p: data.render(base.tokenizer, m, p))
 
 

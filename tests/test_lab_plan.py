@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from cai_lite import pipeline
+from cai_lite import pipeline, stage_plan
 from cai_lite.lab import pretrain
 from cai_lite.recipe import load_config
 from cai_lite.typed_yaml import ConfigError
@@ -22,13 +22,13 @@ def _cfg(tmp_path, *overrides):
 
 def test_the_lab_hash_is_in_every_stage_config(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "expected_hash", lambda seed, size: f"{seed}-{size}")
-    assert pipeline._lab_hash(_cfg(tmp_path)) == "4-default"
-    assert pipeline._lab_hash(_cfg(tmp_path, "base.create=lab-ci")) == "4-ci"
-    assert pipeline._lab_hash(load_config(["recipe=tiny_cpu"])) == ""
-    decided = pipeline.plan(_cfg(tmp_path))
+    assert stage_plan._lab_hash(_cfg(tmp_path)) == "4-default"
+    assert stage_plan._lab_hash(_cfg(tmp_path, "base.create=lab-ci")) == "4-ci"
+    assert stage_plan._lab_hash(load_config(["recipe=tiny_cpu"])) == ""
+    decided = stage_plan.plan(_cfg(tmp_path))
     assert {s: snap["config"]["base.lab_model"] for s, snap in decided.snapshots.items()} == \
-        {name: "4-default" for name in pipeline.NAMES}
-    tiny = pipeline.plan(load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'tiny'}"]))
+        {name: "4-default" for name in stage_plan.NAMES}
+    tiny = stage_plan.plan(load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'tiny'}"]))
     assert all("base.lab_model" not in snap["config"] for snap in tiny.snapshots.values())
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_lite import pipeline
+from cai_lite import pipeline, stage_plan
 from cai_lite.recipe import load_config
 from cai_lite.typed_yaml import ConfigError
 
@@ -77,9 +77,9 @@ def test_the_lab_base_is_pinned_by_content(lab_run):
 
 def test_a_changed_lab_model_is_a_changed_config(lab_run, monkeypatch):
     cfg, _ = lab_run
-    monkeypatch.setattr(pipeline, "_lab_hash", lambda c: "0123456789abcdef")  # e.g. a new release's corpus
+    monkeypatch.setattr(stage_plan, "_lab_hash", lambda c: "0123456789abcdef")  # e.g. a new release's corpus
     with pytest.raises(ConfigError, match="base.lab_model: '[0-9a-f]{16}' -> '0123456789abcdef'"):
-        pipeline.plan(cfg)
+        stage_plan.plan(cfg)
 
 
 def test_a_foreign_folder_is_never_overwritten(tmp_path):

@@ -11,7 +11,7 @@ import json
 import pytest
 import yaml
 
-from cai_lite import pipeline
+from cai_lite import pipeline, stage_plan
 from cai_lite.typed_yaml import ConfigError
 
 from conftest import tiny_config
@@ -75,13 +75,11 @@ def test_skip_refuse_force_and_upstream(tmp_path, tiny_llama):
 
 
 def test_speed_only_judge_keys_do_not_refuse(tmp_path, tiny_llama):
-    from cai_lite import pipeline as P
-
     cfg = tiny_config(tmp_path / "r", tiny_llama)
     slow = tiny_config(tmp_path / "r", tiny_llama, "judge.concurrency=1", "judge.timeout_s=5", "judge.batch_size=2")
     other = tiny_config(tmp_path / "r", tiny_llama, "judge.adapter=sft")
-    assert P.plan(cfg).hashes["label_preferences"] == P.plan(slow).hashes["label_preferences"]
-    assert P.plan(cfg).hashes["label_preferences"] != P.plan(other).hashes["label_preferences"]
+    assert stage_plan.plan(cfg).hashes["label_preferences"] == stage_plan.plan(slow).hashes["label_preferences"]
+    assert stage_plan.plan(cfg).hashes["label_preferences"] != stage_plan.plan(other).hashes["label_preferences"]
 
 
 def test_reading_a_missing_stage_is_refused_before_loading(tmp_path, tiny_llama):
@@ -93,7 +91,6 @@ def test_reading_a_missing_stage_is_refused_before_loading(tmp_path, tiny_llama)
 def test_hashes_do_not_depend_on_the_directory_a_run_starts_from(tmp_path, tiny_llama, monkeypatch):
     """Shipped prompt files resolve to absolute paths outside the checkout; the plan must not read that
     as other settings (a run dir given by path, started from the repo root and then from elsewhere)."""
-    from cai_lite import pipeline as P
     from cai_lite.config import SHIPPED
 
     run_dir = tmp_path / "r"
@@ -103,6 +100,6 @@ def test_hashes_do_not_depend_on_the_directory_a_run_starts_from(tmp_path, tiny_
         monkeypatch.chdir(cwd)
         cfg = tiny_config(run_dir, tiny_llama, "data.prompts=recipes/prompts/red_team.jsonl")
         assert cfg.data.prompts == spelled
-        plans.append(P.plan(cfg))
+        plans.append(stage_plan.plan(cfg))
     assert plans[0].snapshots["critique_revise"]["config"]["data.prompts:sha256"]  # the content still counts
     assert plans[0].hashes == plans[1].hashes

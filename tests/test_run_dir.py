@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from cai_lite import constitution as C
-from cai_lite import data, generation, pipeline, rundir
+from cai_lite import data, generation, pipeline, rundir, stage_plan
 from cai_lite.recipe import load_config
 from cai_lite.stages import critique_revise
 from cai_lite.typed_yaml import ConfigError
@@ -24,7 +24,7 @@ def _cfg(run_dir, *overrides: str):
     return load_config(["recipe=tiny_cpu", f"run_dir={run_dir}", *overrides])
 
 
-def _done(cfg, plan: pipeline.Plan, name: str, output_id: str, **inputs_done: str) -> None:
+def _done(cfg, plan: stage_plan.Plan, name: str, output_id: str, **inputs_done: str) -> None:
     """Write the stage.json a finished stage leaves, as pipeline.run writes it."""
     (cfg.path / name).mkdir(parents=True, exist_ok=True)
     record = {"stage": name, "config_hash": plan.hashes[name], "output_id": output_id, "inputs_done": inputs_done,
@@ -37,64 +37,64 @@ SL = "stages=[critique_revise,sft]"
 
 def test_plan_skips_what_is_done_and_redoes_what_read_a_redone_stage(tmp_path):
     cfg = _cfg(tmp_path, SL)
-    first = pipeline.plan(cfg)
+    first = stage_plan.plan(cfg)
     assert first.actions == {"critique_revise": "run", "sft": "run"}
     assert first.inputs["sft"] == ["critique_revise"] and first.inputs["critique_revise"] == []
     assert first.snapshots["sft"]["inputs"] == {"critique_revise": first.hashes["critique_revise"]}
     _done(cfg, first, "critique_revise", "cr-1")
     _done(cfg, first, "sft", "sft-1", critique_revise="cr-1")
-    again = pipeline.plan(cfg)
+    again = stage_plan.plan(cfg)
     assert again.actions == {"critique_revise": "skip", "sft": "skip"} and again.hashes == first.hashes
     # critique_revise forced: its output will be remade, so sft, unchanged itself, must follow.
-    forced = pipeline.plan(_cfg(tmp_path, SL, "force=[critique_revise]"))
+    forced = stage_plan.plan(_cfg(tmp_path, SL, "force=[critique_revise]"))
     assert forced.actions == {"critique_revise": "run", "sft": "run"}
     # critique_revise was redone alone since sft ran (a new output_id on disk): sft reruns.
     _done(cfg, first, "critique_revise", "cr-2")
-    assert pipeline.plan(_cfg(tmp_path, "stages=[sft]")).actions == {"sft": "run"}
-    assert pipeline.plan(cfg).actions == {"critique_revise": "skip", "sft": "run"}
+    assert stage_plan.plan(_cfg(tmp_path, "stages=[sft]")).actions == {"sft": "run"}
+    assert stage_plan.plan(cfg).actions == {"critique_revise": "skip", "sft": "run"}
     _done(cfg, first, "sft", "sft-2", critique_revise="cr-2")
-    assert pipeline.plan(_cfg(tmp_path, "stages=[sft]")).actions == {"sft": "skip"}
+    assert stage_plan.plan(_cfg(tmp_path, "stages=[sft]")).actions == {"sft": "skip"}
 
 
 def test_plan_refuses_changed_own_keys_and_stale_unselected_inputs(tmp_path):
     cfg = _cfg(tmp_path, SL)
-    p = pipeline.plan(cfg)
+    p = stage_plan.plan(cfg)
     _done(cfg, p, "critique_revise", "cr-1")
     _done(cfg, p, "sft", "sft-1", critique_revise="cr-1")
     with pytest.raises(ConfigError) as e:
-        pipeline.plan(_cfg(tmp_path, SL, "critique_revise.rounds=3"))
+        stage_plan.plan(_cfg(tmp_path, SL, "critique_revise.rounds=3"))
     assert e.value.errors == [f"critique_revise: already done with other settings: critique_revise.rounds: 2 -> 3. "
                               "Use force=[critique_revise] to redo it, or run_name= for a new run"]
     # A change upstream only: forcing the upstream stage reruns both (sft's hash moves with its input's).
-    both = pipeline.plan(_cfg(tmp_path, SL, "critique_revise.rounds=3", "force=[critique_revise]"))
+    both = stage_plan.plan(_cfg(tmp_path, SL, "critique_revise.rounds=3", "force=[critique_revise]"))
     assert both.actions == {"critique_revise": "run", "sft": "run"} and both.hashes["sft"] != p.hashes["sft"]
     assert both.hashes["critique_revise"] != p.hashes["critique_revise"]
     # Reading an unselected stage made with other settings, or from an input remade since, is refused.
     with pytest.raises(ConfigError) as e:
-        pipeline.plan(_cfg(tmp_path, "stages=[sft]", "critique_revise.rounds=3"))
+        stage_plan.plan(_cfg(tmp_path, "stages=[sft]", "critique_revise.rounds=3"))
     assert e.value.errors == [f"critique_revise: its output in {cfg.path} is out of date: it was made with other "
                               "settings (critique_revise.rounds: 2 -> 3), and sft would read it; add critique_revise "
                               "to stages to redo it"]
     _done(cfg, p, "critique_revise", "cr-2")
     with pytest.raises(ConfigError) as e:
-        pipeline.plan(_cfg(tmp_path, "stages=[label_preferences]"))
+        stage_plan.plan(_cfg(tmp_path, "stages=[label_preferences]"))
     assert e.value.errors == [f"sft: its output in {cfg.path} is out of date: its input critique_revise was remade "
                               "after it ran, and label_preferences would read it; add sft to stages to redo it"]
     # Nobody reads it: a stale stage that is not selected is no error.
-    assert pipeline.plan(_cfg(tmp_path, "stages=[critique_revise]")).actions == {"critique_revise": "skip"}
+    assert stage_plan.plan(_cfg(tmp_path, "stages=[critique_revise]")).actions == {"critique_revise": "skip"}
 
 
 def test_plan_optional_inputs_and_missing_inputs(tmp_path):
     cfg = _cfg(tmp_path, "stages=[evaluate]")
     with pytest.raises(ConfigError) as e:
-        pipeline.plan(cfg)
+        stage_plan.plan(cfg)
     assert e.value.errors == [f"stages: evaluate reads the output of {up}, which is neither selected nor done in "
                               f"{cfg.path} (add {up} to stages)" for up in ("critique_revise", "sft")]
-    p = pipeline.plan(_cfg(tmp_path, "stages=[critique_revise,sft,label_preferences,reward_model,dpo]"))
+    p = stage_plan.plan(_cfg(tmp_path, "stages=[critique_revise,sft,label_preferences,reward_model,dpo]"))
     for name, up in (("critique_revise", {}), ("sft", {"critique_revise": "c"}), ("label_preferences", {"sft": "s"}),
                      ("reward_model", {"label_preferences": "l"}), ("dpo", {"sft": "s", "label_preferences": "l"})):
         _done(cfg, p, name, name[0], **up)
-    ev = pipeline.plan(cfg)
+    ev = stage_plan.plan(cfg)
     assert ev.actions == {"evaluate": "run"}
     done = ["critique_revise", "sft", "label_preferences", "reward_model", "dpo"]  # what is done, of what it may read
     assert ev.inputs["evaluate"] == done and set(ev.snapshots["evaluate"]["inputs"]) == set(done)
@@ -103,11 +103,11 @@ def test_plan_optional_inputs_and_missing_inputs(tmp_path):
 def test_own_changes_and_stale_by_value():
     done = {"config": {"sft": {"lr": 0.1, "steps": 2}, "seed": 0}, "inputs_done": {"a": "x", "b": "y"}}
     snap = {"config": {"sft": {"lr": 0.2, "steps": 2}, "seed": 0, "lora": {"r": 8}}}
-    assert pipeline._own_changes(done, snap) == ["lora.r: None -> 8", "sft.lr: 0.1 -> 0.2"]
-    assert pipeline._own_changes(done, {"config": done["config"]}) == []
-    assert pipeline._stale(done, ["a", "b", "c"], {"a": "x", "b": "z", "c": "w"}) == ["b", "c"]
-    assert pipeline._stale(done, ["a", "b"], {"a": None, "b": "y"}) == ["a"]  # a is remade in this run
-    assert pipeline._stale(None, ["a"], {"a": "x"}) == ["a"] and pipeline._stale(done, [], {}) == []
+    assert stage_plan._own_changes(done, snap) == ["lora.r: None -> 8", "sft.lr: 0.1 -> 0.2"]
+    assert stage_plan._own_changes(done, {"config": done["config"]}) == []
+    assert stage_plan._stale(done, ["a", "b", "c"], {"a": "x", "b": "z", "c": "w"}) == ["b", "c"]
+    assert stage_plan._stale(done, ["a", "b"], {"a": None, "b": "y"}) == ["a"]  # a is remade in this run
+    assert stage_plan._stale(None, ["a"], {"a": "x"}) == ["a"] and stage_plan._stale(done, [], {}) == []
 
 
 # ---- pipeline.run with stand-in stages: what a stage finds in its folder when it starts -------
@@ -119,7 +119,7 @@ def test_run_resumes_partial_outputs_only_under_the_same_config(tmp_path, fake_s
     # A crash left one shard, made with this very config: the rerun keeps it and resumes.
     out.mkdir(parents=True)
     data.write_shard(data.shard_path(out, 0), [{"old": 1}])
-    key = {"config_hash": pipeline.plan(cfg).hashes["critique_revise"], "inputs_done": {}}
+    key = {"config_hash": stage_plan.plan(cfg).hashes["critique_revise"], "inputs_done": {}}
     (out / ".resume_key").write_text(json.dumps(key, sort_keys=True))
     result = pipeline.run(cfg)
     assert seen["critique_revise"] == [".resume_key", "part-00000.jsonl"]
@@ -237,7 +237,7 @@ def test_critique_revise_resumes_shard_by_shard(tmp_path, fake_generate):
 def test_hashes_ignore_judge_speed_keys_only(tmp_path):
     def hashes(*overrides):
         stages = "stages=[critique_revise,sft,label_preferences,reward_model]"
-        return pipeline.plan(_cfg(tmp_path, stages, *overrides)).hashes
+        return stage_plan.plan(_cfg(tmp_path, stages, *overrides)).hashes
 
     plain = hashes()
     assert hashes("judge.concurrency=1", "judge.timeout_s=5", "judge.retries=0", "judge.batch_size=2",
@@ -247,7 +247,7 @@ def test_hashes_ignore_judge_speed_keys_only(tmp_path):
         assert moved["label_preferences"] != plain["label_preferences"] and moved["evaluate"] != plain["evaluate"]
         assert moved["critique_revise"] == plain["critique_revise"] and moved["sft"] == plain["sft"]
         assert moved["reward_model"] != plain["reward_model"]  # it reads the relabelled preferences
-    snap = pipeline.plan(_cfg(tmp_path, "stages=[critique_revise]")).snapshots["label_preferences"]["config"]
+    snap = stage_plan.plan(_cfg(tmp_path, "stages=[critique_revise]")).snapshots["label_preferences"]["config"]
     assert "concurrency" not in snap["judge"] and snap["judge"]["adapter"] == "none" and snap["judges"] == []
     assert snap["seed"] == 0 and snap["label_preferences"]["num_principles"] == _cfg(
         tmp_path).label_preferences.num_principles
@@ -286,7 +286,7 @@ def test_run_writes_the_config_and_builds_a_missing_tiny_model(tmp_path, fake_st
 
 def test_judge_panels_hash_without_their_speed_keys_too(tmp_path):
     def plan(concurrency: int, adapter: str = "sft"):
-        return pipeline.plan(_cfg(tmp_path, "stages=[critique_revise]", "judges=[{backend: local, adapter: none, "
+        return stage_plan.plan(_cfg(tmp_path, "stages=[critique_revise]", "judges=[{backend: local, adapter: none, "
                                   f"concurrency: {concurrency}}}, {{backend: local, adapter: {adapter}}}]"))
 
     slow, fast = plan(1), plan(8)
@@ -298,14 +298,14 @@ def test_judge_panels_hash_without_their_speed_keys_too(tmp_path):
 
 def test_own_changes_of_a_record_without_config():
     snap = {"config": {"seed": 0, "sft": {"lr": 0.1}}}
-    assert pipeline._own_changes({"stage": "sft"}, snap) == ["seed: None -> 0", "sft.lr: None -> 0.1"]
+    assert stage_plan._own_changes({"stage": "sft"}, snap) == ["seed: None -> 0", "sft.lr: None -> 0.1"]
 
 
 def test_hash_is_of_the_sorted_snapshot(tmp_path):
     """Hashes must not depend on dict order, or a stage.json written by another version would not match."""
     import hashlib
 
-    p = pipeline.plan(_cfg(tmp_path, SL))
+    p = stage_plan.plan(_cfg(tmp_path, SL))
     for name, snap in p.snapshots.items():
         want = hashlib.sha256(json.dumps(snap, sort_keys=True, default=str).encode()).hexdigest()[:16]
         assert p.hashes[name] == want
@@ -314,26 +314,26 @@ def test_hash_is_of_the_sorted_snapshot(tmp_path):
 def test_refusals_list_every_change_stale_input_and_reader(tmp_path):
     every = "stages=[critique_revise,sft,label_preferences,dpo]"
     cfg = _cfg(tmp_path, every)
-    p = pipeline.plan(cfg)
+    p = stage_plan.plan(cfg)
     _done(cfg, p, "critique_revise", "c1")
     _done(cfg, p, "sft", "s1", critique_revise="c0")  # made from an older critique_revise
     _done(cfg, p, "label_preferences", "l1", sft="s1")
     _done(cfg, p, "dpo", "d1", sft="s0", label_preferences="l0")  # both its inputs remade since
     with pytest.raises(ConfigError) as e:
-        pipeline.plan(_cfg(tmp_path, "stages=[label_preferences,dpo]"))
+        stage_plan.plan(_cfg(tmp_path, "stages=[label_preferences,dpo]"))
     assert e.value.errors == [f"sft: its output in {cfg.path} is out of date: its input critique_revise was remade "
                               "after it ran, and label_preferences, dpo would read it; add sft to stages to redo it"]
     with pytest.raises(ConfigError) as e:
-        pipeline.plan(_cfg(tmp_path, "stages=[sft,evaluate]"))
+        stage_plan.plan(_cfg(tmp_path, "stages=[sft,evaluate]"))
     assert f"dpo: its output in {cfg.path} is out of date: its input sft, label_preferences was remade after it " \
            "ran, and evaluate would read it; add dpo to stages to redo it" in e.value.errors
     with pytest.raises(ConfigError) as e:
-        pipeline.plan(_cfg(tmp_path, every, "critique_revise.rounds=3", "critique_revise.few_shot=2"))
+        stage_plan.plan(_cfg(tmp_path, every, "critique_revise.rounds=3", "critique_revise.few_shot=2"))
     assert e.value.errors[0] == ("critique_revise: already done with other settings: critique_revise.few_shot: 1 -> 2; "
                                  "critique_revise.rounds: 2 -> 3. Use force=[critique_revise] to redo it, or "
                                  "run_name= for a new run")
     with pytest.raises(ConfigError) as e:
-        pipeline.plan(_cfg(tmp_path, "stages=[sft]", "critique_revise.rounds=3", "critique_revise.few_shot=2"))
+        stage_plan.plan(_cfg(tmp_path, "stages=[sft]", "critique_revise.rounds=3", "critique_revise.few_shot=2"))
     assert e.value.errors == [f"critique_revise: its output in {cfg.path} is out of date: it was made with other "
                               "settings (critique_revise.few_shot: 1 -> 2; critique_revise.rounds: 2 -> 3), and sft "
                               "would read it; add critique_revise to stages to redo it"]

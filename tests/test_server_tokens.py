@@ -23,7 +23,7 @@ from test_judge_load import llama_server
 from transformers import AutoTokenizer
 
 from cai_lite import constitution as C
-from cai_lite import data, generation, generation_http, judge_http, judges
+from cai_lite import data, generation, generation_http, judge_http, judge_llamacpp, judges
 from cai_lite.config import GenerationSettings, JudgeConfig
 from cai_lite.gguf_export import export_gguf
 from cai_lite.tiny import build_tiny_model
@@ -107,7 +107,8 @@ def test_llamacpp_judge_without_a_chat_template_adds_one_bos(llama3, tmp_path):
     try:
         for name, folder in (("template", llama3), ("fallback", bare)):
             gguf = export_gguf(folder, tmp_path / f"{name}.gguf", "f32")
-            made[name] = judges.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(gguf), n_ctx=1024), render)
+            jc = JudgeConfig(backend="llamacpp", gguf_path=str(gguf), n_ctx=1024)
+            made[name] = judge_llamacpp.LlamaCppJudge(jc, render)
         assert made["fallback"]._format is None and made["template"]._format is not None
         prompts = _prompts()
         want = made["template"].option_probs(prompts, "AB")

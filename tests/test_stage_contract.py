@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from cai_lite import config, pipeline
+from cai_lite import config, pipeline, stage_plan
 from cai_lite.config import Config
 from cai_lite.stages import critique_revise, evaluate
 
@@ -20,8 +20,8 @@ from test_run_dir import _cfg, _done
 
 
 def test_every_stage_declares_its_contract():
-    assert pipeline.NAMES == list(config.STAGES)  # config.py keeps its own copy: it may not import stages
-    for i, (name, stage) in enumerate(zip(pipeline.NAMES, pipeline.STAGES)):
+    assert stage_plan.NAMES == list(config.STAGES)  # config.py keeps its own copy: it may not import stages
+    for i, (name, stage) in enumerate(zip(stage_plan.NAMES, stage_plan.STAGES)):
         assert callable(stage.run) and isinstance(stage.HEADLINE, str), name
         assert all(isinstance(getattr(stage, k), tuple) for k in ("KEYS", "READS", "OPTIONAL_READS", "OUTPUTS")), name
         assert name in stage.KEYS, name  # its own section
@@ -31,19 +31,19 @@ def test_every_stage_declares_its_contract():
                 assert hasattr(obj, part), f"{name}.KEYS: {key}"
                 obj = getattr(obj, part)
         # Only earlier stages: the list's order is an order in which every input exists.
-        assert set(stage.READS + stage.OPTIONAL_READS) <= set(pipeline.NAMES[:i]), name
+        assert set(stage.READS + stage.OPTIONAL_READS) <= set(stage_plan.NAMES[:i]), name
 
 
 def test_evaluate_declares_the_critique_revise_shards_it_reads():
     assert "critique_revise" in evaluate.READS
     # ...and none of the stage sections it used to borrow: they reach its hash through its inputs.
-    assert not {k.split(".")[0] for k in evaluate.KEYS} & set(pipeline.NAMES) - {"evaluate"}
+    assert not {k.split(".")[0] for k in evaluate.KEYS} & set(stage_plan.NAMES) - {"evaluate"}
 
 
 def _downstream(name: str) -> set[str]:
     out, grew = set(), True
     while grew:
-        more = {n for n, s in zip(pipeline.NAMES, pipeline.STAGES)
+        more = {n for n, s in zip(stage_plan.NAMES, stage_plan.STAGES)
                 if {name, *out} & set(s.READS + s.OPTIONAL_READS)} - out
         out, grew = out | more, bool(more)
     return out
@@ -56,16 +56,16 @@ CHANGE = {"critique_revise": "critique_revise.rounds=3", "sft": "sft.lr=0.5",
           "export": "export.dtype=bfloat16"}
 
 
-@pytest.mark.parametrize("name", pipeline.NAMES)
+@pytest.mark.parametrize("name", stage_plan.NAMES)
 def test_a_key_change_reruns_its_stage_and_every_stage_that_reads_it_and_nothing_else(tmp_path, name):
-    assert set(CHANGE) == set(pipeline.NAMES)
-    every = f"stages=[{','.join(pipeline.NAMES)}]"
+    assert set(CHANGE) == set(stage_plan.NAMES)
+    every = f"stages=[{','.join(stage_plan.NAMES)}]"
     cfg = _cfg(tmp_path, every)
-    first = pipeline.plan(cfg)
-    for n in pipeline.NAMES:
+    first = stage_plan.plan(cfg)
+    for n in stage_plan.NAMES:
         _done(cfg, first, n, f"{n}-1", **{up: f"{up}-1" for up in first.inputs[n]})
-    assert set(pipeline.plan(cfg).actions.values()) == {"skip"}
-    changed = pipeline.plan(_cfg(tmp_path, every, CHANGE[name], f"force=[{name}]"))
+    assert set(stage_plan.plan(cfg).actions.values()) == {"skip"}
+    changed = stage_plan.plan(_cfg(tmp_path, every, CHANGE[name], f"force=[{name}]"))
     assert changed.hashes[name] != first.hashes[name]
     assert {n for n, a in changed.actions.items() if a == "run"} == {name} | _downstream(name)
     assert _downstream("ppo") == {"evaluate", "export"} and _downstream("evaluate") == set()  # spelled out once
