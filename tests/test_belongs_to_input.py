@@ -1,15 +1,13 @@
-"""Each result belongs to its own input. Every path that returns one result per prompt, pair or
-request runs on inputs whose right answers differ and are known beforehand, so an answer that is
-swapped, shifted or reversed between inputs fails a test:
-  - local generation, RL rollouts and evaluate's answers, on a model that counts: one layer whose
-    next token is the id after the last one (the end of its turn after every multiple of 7),
-    loaded NF4 like any base;
-  - generation through a server: a stub on 127.0.0.1 answering with a digest of the prompt and
-    the seed it was sent, out of order;
-  - the judges: `verdict` is P(slot A) as a function of the texts, given by the local judge's
-    model (a stand-in forward), by llama.cpp (a stand-in for its KV cache, behind the real
-    tokenizer and wave bookkeeping), by an OpenAI-compatible stub, and in-process (`TextJudge`).
-The stages built on these paths are in tests/test_belongs_to_input_stages.py.
+"""Each result belongs to its own input: the judges. Every path that returns one verdict per prompt
+or comparison runs on inputs whose right answers differ and are known beforehand, so a verdict
+swapped, shifted or reversed between inputs fails a test. `verdict` is P(slot A) as a function of
+the texts (each answer's worth in its conversation under its principle, plus a taste for slot A so
+the two option orders differ). It is given:
+  - in-process (`TextJudge`), under judges.compare;
+  - by the local judge's model (a stand-in forward over the tokens the judge batched and padded);
+  - by llama.cpp (a stand-in for its KV cache, behind the real GGUF tokenizer, waves and prefix tree);
+  - by an OpenAI-compatible stub on 127.0.0.1 (`Stub`), whose answers come back out of order.
+tests/test_belongs_to_input_stages.py uses these stand-ins for generation, rollouts and the stages.
 
     python -m pytest -q tests/test_belongs_to_input.py
 """
@@ -31,16 +29,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
 
 from cai_lite import constitution as C
-from cai_lite import data, generation, judges, models, rollout
+from cai_lite import data, judges
 from cai_lite.config import GenerationSettings, JudgeConfig
 from cai_lite.judge_http import OpenAIJudge
-from cai_lite.stages import evaluate
-from cai_lite.tiny import build_tiny_model, train_tokenizer
-
-from conftest import tiny_config
+from cai_lite.tiny import train_tokenizer
 
 # ---- judges whose verdicts follow from the texts ----------------------------------------------
 
@@ -138,14 +132,17 @@ def expected_cells(c: judges.Comparison, both_orders: bool, cot: bool = False, s
         p = slot_a(c.conversation, pr.text, x, y, thought, scale, salt)
         return min(0.6, max(0.4, p)) if cot else p
 
-    return [(pr.id, one(pr, c.response_a, c.response_b), one(pr, c.response_b, c.response_a) if both_orders else None)
-            for pr in c.principles]
+    return [(pr.id, one(pr, c.response_a, c.response_b), 
+             one(pr, c.response_b, c.response_a) if both_orders else None) for pr in c.principles]
 
 
 def expected_p_a(cells: list[tuple]) -> float | None:
-    """Orders averaged (slot A of the second order is response B), then principles."""
-    per = [ab if ba is None else ba if ab is None else (ab + 1 - ba) / 2 for _, ab, ba in cells
-           if ab is not None or ba is not None]
+    """P(response A better): the orders averaged (in the second, slot A holds response B, so it counts
+    as 1 - p), then the principles; failures left out."""
+    per = []
+    for _, ab, ba in cells:
+        parts = [p for p in (ab, None if ba is None else 1 - ba) if p is not None]
+        per += [sum(parts) / len(parts)] if parts else []
     return sum(per) / len(per) if per else None
 
 
@@ -167,8 +164,8 @@ PRINCIPLES = [C.PreferencePrinciple(f"rule{i}", f"Which response follows rule {i
 def comparisons(n: int = 6, pad: int = 0) -> list[judges.Comparison]:
     """Conversations of three lengths (`pad`: how much longer), one to three principles, one comparison
     of equal answers."""
-    out = [judges.Comparison(f"Human: question {i}" + " and more" * (i % 3 * pad), f"answer {i} here", f"reply {i} there",
-                             PRINCIPLES[: 1 + i % 3]) for i in range(n)]
+    out = [judges.Comparison(f"Human: question {i}" + " and more" * (i % 3 * pad), f"answer {i} here",
+                             f"reply {i} there", PRINCIPLES[: 1 + i % 3]) for i in range(n)]
     out[2] = judges.Comparison(out[2].conversation, "Same answer.", "Same answer.", out[2].principles)
     return out
 
@@ -295,7 +292,8 @@ class LetterModel:
 
 def test_local_judge_scores_each_prompt_in_its_own_row(chatml):
     base = SimpleNamespace(tokenizer=chatml, device=torch.device("cpu"), model=LetterModel(chatml))
-    judge = judges.LocalJudge(base, JudgeConfig(batch_size=3), GenerationSettings(max_prompt_tokens=180))
+    # Batches of 4 straddle the runs of cut and whole prompts, so a flag moved inside a batch shows.
+    judge = judges.LocalJudge(base, JudgeConfig(batch_size=4), GenerationSettings(max_prompt_tokens=180))
     comps = comparisons(7, pad=12)  # every third conversation is over 180 tokens: cut, so a failure in its slots
     got = judges.compare(judge, comps, True)
     cut = [i % 3 == 2 for i in range(7)]
@@ -372,8 +370,9 @@ def test_llamacpp_judge_gives_each_prompt_its_own_logits(sharp_llama, tmp_path, 
     judge = judges.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(gguf), n_ctx=512), None)
     try:
         llm = judge.llm
-        fake = FakeLlamaCpp(lambda t: llm.detokenize(t, special=True).decode("utf-8", "replace"),
-                            [llm.tokenize(f"({x}".encode(), add_bos=False, special=False)[-1] for x in "AB"], llm.n_vocab())
+        letters = [llm.tokenize(f"({x}".encode(), add_bos=False, special=False)[-1] for x in "AB"]
+        text = lambda tokens: llm.detokenize(tokens, special=True).decode("utf-8", "replace")  # noqa: E731
+        fake = FakeLlamaCpp(text, letters, llm.n_vocab())
         judge._decoder.close()
         with monkeypatch.context() as m:
             m.setitem(sys.modules, "llama_cpp", fake)  # PrefixDecoder reaches llama.cpp through the module
@@ -383,7 +382,7 @@ def test_llamacpp_judge_gives_each_prompt_its_own_logits(sharp_llama, tmp_path, 
         comps[7] = judges.Comparison(comps[7].conversation + " and doors" * 300, "a", "b", PRINCIPLES[:1])  # > n_ctx
         for order in ([*range(9)], [*range(9)], random.Random(0).sample(range(9), 9)):
             got = judges.compare(judge, [comps[i] for i in order], True)
-            assert got[order.index(7)].p_a is None and fake.cells  # too long: a failure in its own slot
+            assert got[order.index(7)].p_a is None  # too long: a failure in its own slot
             kept = [i for i in order if i != 7]
             assert_judgements([comps[i] for i in kept], [got[order.index(i)] for i in kept], True, tol=1e-6)
     finally:

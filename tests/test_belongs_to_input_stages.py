@@ -1,13 +1,14 @@
-"""Each result belongs to its own input, continued (tests/test_belongs_to_input.py has the judges
-and the stand-ins used here): generation and RL rollouts, and the stages that write one row per
-prompt or pair from them, on inputs whose right answers differ and are known beforehand.
-  - local generation, RL rollouts and evaluate's answers run on a model that counts: one layer
-    whose next token is the id after the last one (the end of its turn after every multiple of 7),
-    loaded NF4 like any base;
+"""Each result belongs to its own input: generation, RL rollouts, and the stages that write one row
+per prompt or pair (tests/test_belongs_to_input.py has the judges, and the stand-ins used here).
+Inputs have right answers that differ and are known beforehand, so a result swapped, shifted or
+reversed between inputs fails a test:
+  - local generation, RL rollouts (responses, log-probs, values, rewards) and evaluate's answers run
+    on a model that counts: its next token is the id after the last one, and the end of its turn
+    after every multiple of 7; loaded NF4 like any base;
   - generation through a server: the stub answers with a digest of the prompt and the seed it was sent;
-  - critique_revise, label_preferences and evaluate, with generation stubbed where it is not the
-    subject, and judges whose verdicts follow from the texts: each row must hold its own prompt,
-    answers, critiques, revisions, pair and verdicts.
+  - critique_revise, label_preferences and evaluate, with generation stubbed (`Recorder`) or served
+    by the stub, and judges whose verdicts follow from the texts: each row must hold its own
+    prompt, answers, critiques, revisions, pair and verdicts.
 
     python -m pytest -q tests/test_belongs_to_input_stages.py
 """
@@ -29,11 +30,12 @@ from cai_lite.config import GenerationSettings
 from cai_lite.generation import Generated
 from cai_lite.recipe import load_config
 from cai_lite.stages import critique_revise, evaluate, label_preferences
-from cai_lite.tiny import build_tiny_model, train_tokenizer
+from cai_lite.tiny import build_tiny_model
 
 from conftest import tiny_config
 from test_belongs_to_input import (TextJudge, assert_judgements, digest, expected_cells, expected_p_a, p_yes,
-                                   stub_server, worth)
+                                   worth)
+from test_belongs_to_input import chatml, stub  # noqa: F401  (fixtures)
 from test_critique_rows import Tok
 
 # ---- a model that counts -----------------------------------------------------------------------
@@ -65,11 +67,11 @@ def answer_text(tok, prompt: str, n: int) -> str:
 
 @pytest.fixture(scope="module")
 def counting(tmp_path_factory) -> models.SharedBase:
-    """The counting model, loaded NF4, with fresh `policy` and `reward` adapters (which change nothing)
-    and a reward head whose score is the id of the last token. The embedding is one-hot, the layer adds
-    nothing, and the LM head puts a logit of 2 * sqrt(512) = 45 on the successor: greedy and
-    sampled answers are the same. The chat template writes the user's text last, so the last token of
-    the text is what picks the answer."""
+    """The counting model, loaded NF4, with fresh `policy`, `reward` and `value` adapters (which change
+    nothing) and reward and value heads whose score is the id of the token they read. The embedding
+    is one-hot, the layer adds nothing, and the LM head puts a logit of 2 * sqrt(512) = 45 on the
+    successor: greedy and sampled answers are the same. The chat template writes the user's text
+    last, so the last token of the text is what picks the answer."""
     path = build_tiny_model(tmp_path_factory.mktemp("models") / "counting", hidden_size=512, num_layers=1,
                             intermediate_size=64)
     model, tok = LlamaForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
@@ -85,11 +87,12 @@ def counting(tmp_path_factory) -> models.SharedBase:
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     tok.save_pretrained(path)
     base = models.load_base(tiny_config(tmp_path_factory.mktemp("run"), path))
-    for name in ("policy", "reward"):
+    for name in ("policy", "reward", "value"):
         models.add_adapter(base, name)
-    models.add_head(base, "reward")
-    with torch.no_grad():
-        base.heads["reward"].weight.copy_(torch.arange(512.0) / math.sqrt(512))  # the final norm scales by sqrt(512)
+    for name in ("reward", "value"):
+        models.add_head(base, name)
+        with torch.no_grad():
+            base.heads[name].weight.copy_(torch.arange(512.0) / math.sqrt(512))  # the final norm scales by sqrt(512)
     return base
 
 
@@ -129,10 +132,16 @@ def test_rollouts_keep_each_prompt_with_its_response_and_score(counting):
                             [ro.texts[i] for i in moved])
     logp = rollout.response_logprobs(counting, "policy", mixed, 1.0, 2, chunk=3).sum(1)
     assert [bool(x > -1e-3) for x in logp] == [i == k for i, k in enumerate(moved)] and logp.min() < -40
+    # V(s_t) is read in the state before each response token: the prompt's last token, then the response's.
+    values = rollout.values(counting, ro)  # (B, T)
+    for i, (ids, ended) in enumerate(want):
+        before = tok(ASKED[i], add_special_tokens=False)["input_ids"][-1:] + ids + [eos] * ended
+        assert values[i][ro.mask[i].bool()].round().tolist() == before[:-1]
     # The reward model reads each (prompt, response) pair: here its score is the pair's last token id.
     answers = ["Sure, here is how", "No", "The capital is Paris", "I can't help with that", "ok then", "why not",
                "The sea is wide and blue"]
-    last = [tok(rollout.reward_text(tok, p, a), add_special_tokens=False)["input_ids"][-1] for p, a in zip(ASKED, answers)]
+    last = [tok(rollout.reward_text(tok, p, a), add_special_tokens=False)["input_ids"][-1]
+            for p, a in zip(ASKED, answers)]
     assert rollout.score(counting, ASKED, answers, 2, 64).round().tolist() == last and len(set(last)) == len(last)
 
 
@@ -144,18 +153,6 @@ def test_evaluate_answers_each_prompt_locally(counting):
     for model in ("base", "policy"):
         assert got[model] == {"red_team": [answer_text(counting.tokenizer, p.text, n) for p in red],
                               "helpful": [answer_text(counting.tokenizer, p.text, n) for p in helpful]}
-
-
-@pytest.fixture(scope="module")
-def stub():
-    with stub_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def chatml():
-    """The tiny models' tokenizer and chat template, without a model."""
-    return train_tokenizer()
 
 
 def test_server_generation_answers_each_prompt_from_its_own_request(stub, chatml):
@@ -177,7 +174,6 @@ def test_server_generation_answers_each_prompt_from_its_own_request(stub, chatml
     assert len(set(got.ended)) == len(set(got.truncated)) == 2  # not vacuous
 
 
-
 # ---- critique_revise: prompt, answer, critique, revision -------------------------------------------
 
 class Recorder:
@@ -192,7 +188,8 @@ class Recorder:
     def __call__(self, base, prompts, adapter, g, max_new_tokens=None, temperature=None, desc="generate"):
         texts = []
         for p in prompts:
-            first_mute = desc == "revisions" and "mute" in p and not any(d == desc and "mute" in q for d, q in self.asked)
+            first_mute = desc == "revisions" and "mute" in p and not any(d == desc and "mute" in q
+                                                                        for d, q in self.asked)
             self.asked.append((desc, p))
             texts.append("" if first_mute else f"[{desc} {len(self.asked) - 1}]" + " FAIL" * ("broken" in p))
         return Generated(texts, [True] * len(texts), [False] * len(texts))
@@ -213,10 +210,10 @@ HELPFUL = ["Bake foxtrot bread", "Write a golf poem"]
 
 
 def test_critique_revise_rows_hold_their_own_prompt_answer_critique_and_revision(tmp_path, monkeypatch):
-    cfg = load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'run'}", f"data.prompts={_prompt_file(tmp_path / 'r.jsonl', RED)}",
-                       "data.limit=0", "data.eval_prompts=0", "critique_revise.rounds=2", "critique_revise.few_shot=0",
-                       "critique_revise.shard_size=3", f"critique_revise.helpful_prompts={_prompt_file(tmp_path / 'h.jsonl', HELPFUL)}",
-                       "critique_revise.helpful_limit=0"])
+    cfg = load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'run'}", "data.limit=0", "data.eval_prompts=0",
+                       f"data.prompts={_prompt_file(tmp_path / 'r.jsonl', RED)}", "critique_revise.rounds=2",
+                       "critique_revise.few_shot=0", "critique_revise.shard_size=3", "critique_revise.helpful_limit=0",
+                       f"critique_revise.helpful_prompts={_prompt_file(tmp_path / 'h.jsonl', HELPFUL)}"])
     gen = Recorder()
     monkeypatch.setattr(generation, "generate", gen)
     out = cfg.path / "critique_revise"
@@ -226,7 +223,8 @@ def test_critique_revise_rows_hold_their_own_prompt_answer_critique_and_revision
     assert sorted(r["init_prompt"] for r in rows) == sorted(RED + HELPFUL)
     for r in rows:
         user = r["init_prompt"]
-        assert gen[r["init_response"]] == ("answers", user) and r["type"] == ("helpful" if user in HELPFUL else "harmless")
+        assert r["type"] == ("helpful" if user in HELPFUL else "harmless")
+        assert gen[r["init_response"]] == ("answers", user)
         current, last = r["init_response"], None
         for step in r["rounds"]:  # each critique is of this row's latest answer; each revision follows it
             asked, prompt = gen[step["critique"]]
@@ -247,13 +245,16 @@ def test_critique_revise_rows_hold_their_own_prompt_answer_critique_and_revision
 
 def test_label_rows_hold_their_own_prompt_pair_and_verdicts(tmp_path, monkeypatch):
     cfg = load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'run'}", "judges=[local,local]",
-                       f"label_preferences.prompts={_prompt_file(tmp_path / 'r.jsonl', RED)}", "label_preferences.num_responses=3",
+                       "judge.max_failure_rate=0.5", "label_preferences.num_responses=3",
+                       "label_preferences.shard_size=3",
+                       f"label_preferences.prompts={_prompt_file(tmp_path / 'r.jsonl', RED)}",
                        f"label_preferences.helpful_prompts={_prompt_file(tmp_path / 'h.jsonl', HELPFUL)}",
-                       "label_preferences.helpful_limit=0", "label_preferences.shard_size=3", "judge.max_failure_rate=0.5"])
+                       "label_preferences.helpful_limit=0"])
     gen, salts = Recorder(), {"j1": "", "j2": "2"}
     monkeypatch.setattr(generation, "generate", gen)
     monkeypatch.setattr(label_preferences.adapter_files, "load_adapter", lambda *a, **k: None)
-    monkeypatch.setattr(label_preferences.judges, "build", lambda cfg, base: [TextJudge(n, salt=s) for n, s in salts.items()])
+    monkeypatch.setattr(label_preferences.judges, "build",
+                        lambda cfg, base: [TextJudge(n, salt=s) for n, s in salts.items()])
     out = cfg.path / "label_preferences"
     out.mkdir(parents=True)
     label_preferences.run(cfg, SimpleNamespace(tokenizer=Tok()), out)
@@ -262,8 +263,9 @@ def test_label_rows_hold_their_own_prompt_pair_and_verdicts(tmp_path, monkeypatc
     for r in data.read_shards(out) + failed:
         user = r["prompt"][0]["content"]
         assert r["prompt"] == [{"role": "user", "content": user}]
+        # Two of this very prompt's samples, in the order they were drawn: sample i and sample j > i.
         samples = [f"[responses {n}]" + " FAIL" * ("broken" in user) for n, (_, q) in enumerate(gen.asked) if q == user]
-        i, j = samples.index(r["response_a"]), samples.index(r["response_b"])  # two samples for this very prompt
+        i, j = samples.index(r["response_a"]), samples.index(r["response_b"])
         pairs.append((user, i, j))
         helpful = user in HELPFUL
         assert r["type"] == ("helpful" if helpful else "harmless")
@@ -275,9 +277,10 @@ def test_label_rows_hold_their_own_prompt_pair_and_verdicts(tmp_path, monkeypatc
             assert_judgements([comp], [judges.Judgement(mine["p_a"], mine["principles"])], True, salt=salt)
         want = [expected_p_a(expected_cells(comp, True, salt=s)) for s in salts.values()]
         assert r["p_a"] == (None if None in want else pytest.approx(sum(want) / 2, abs=1e-12))
-        better = r["response_a"] if r["p_a"] is None or r["p_a"] >= 0.5 else r["response_b"]
-        assert r["chosen"] == [{"role": "assistant", "content": better}]
-        assert r["rejected"] == [{"role": "assistant", "content": r["response_a"] if better == r["response_b"] else r["response_b"]}]
+        better, worse = (r["response_a"], r["response_b"]) if r["p_a"] is None or r["p_a"] >= 0.5 else \
+            (r["response_b"], r["response_a"])
+        assert (r["chosen"], r["rejected"]) == ([{"role": "assistant", "content": better}],
+                                                [{"role": "assistant", "content": worse}])
     assert sorted(pairs) == sorted((u, i, j) for u in RED + HELPFUL for i, j in itertools.combinations(range(3), 2))
     assert {r["prompt"][0]["content"] for r in failed} == {"broken echo request"} and len(failed) == 3
 
@@ -290,7 +293,8 @@ def test_evaluate_pairs_each_prompt_with_its_answers_and_verdicts(stub, chatml, 
     served = {"base": "cai-base", "sft": "cai-sft", "ppo": "cai-ppo"}
     cfg = load_config(["recipe=tiny_cpu", f"run_dir={tmp_path / 'run'}", "generation.backend=openai",
                        f"generation.base_url={stub.url}", "generation.model=cai-base", "generation.concurrency=3",
-                       "generation.adapters=[sft=cai-sft, ppo=cai-ppo]", "judges=[local,local]", "evaluate.bootstrap=20",
+                       "generation.adapters=[sft=cai-sft, ppo=cai-ppo]", "judges=[local,local]",
+                       "evaluate.bootstrap=20",
                        f"evaluate.prompts={_prompt_file(tmp_path / 'r.jsonl', RED)}", "evaluate.helpful_limit=0",
                        f"evaluate.helpful_prompts={_prompt_file(tmp_path / 'h.jsonl', HELPFUL + ['Name a hotel'])}"])
     for stage in ("sft", "ppo"):
@@ -300,27 +304,40 @@ def test_evaluate_pairs_each_prompt_with_its_answers_and_verdicts(stub, chatml, 
     salts = {"j1": "", "j2": "2"}
     monkeypatch.setattr(evaluate.adapter_files, "load_adapter", lambda *a, **k: None)
     monkeypatch.setattr(evaluate.judges, "build", lambda cfg, base: [TextJudge(n, salt=s) for n, s in salts.items()])
-    stub.answer = lambda body: {"choices": [{"text": f"{body['model']} on {digest(body['prompt'])}", "finish_reason": "stop"}]}
+    stub.answer = lambda body: {"choices": [{"text": f"{body['model']} on {digest(body['prompt'])}",
+                                             "finish_reason": "stop"}]}
     evaluate.run(cfg, SimpleNamespace(tokenizer=chatml), cfg.path / "evaluate")
 
     red, helpful, _ = evaluate.eval_prompts(cfg)
     assert [p.text for p in red] == RED and [p.text for p in helpful] == HELPFUL + ["Name a hotel"]
-    answers = {m: {kind: [f"{name} on {digest(data.render(chatml, [{'role': 'user', 'content': p.text}]))}" for p in ps]
-                   for kind, ps in (("red_team", red), ("helpful", helpful))} for m, name in served.items()}
+    asked = {kind: [data.render(chatml, [{"role": "user", "content": p.text}]) for p in ps]
+             for kind, ps in (("red_team", red), ("helpful", helpful))}
+    answers = {m: {kind: [f"{name} on {digest(text)}" for text in texts] for kind, texts in asked.items()}
+               for m, name in served.items()}
     rows = [json.loads(line) for line in (cfg.path / "evaluate" / "responses.jsonl").read_text().splitlines()]
     assert rows == [{"id": p.id, "kind": kind, "prompt": p.text, **{m: answers[m][kind][i] for m in served}}
                     for kind, ps in (("red_team", red), ("helpful", helpful)) for i, p in enumerate(ps)]
     metrics = json.loads((cfg.path / "evaluate" / "metrics.json").read_text())
-    const = C.load(cfg.constitution)
+    const, want = C.load(cfg.constitution), []  # want: (model, other, kind, prompt index, principle ids, vote)
     for m, o in (("sft", "base"), ("ppo", "base"), ("ppo", "sft")):
         for kind, src, ps in (("harmless", "red_team", red), ("helpful", "helpful", helpful)):
             voted = []
             for i, p in enumerate(ps):
                 principles = [C.HELPFUL_PRINCIPLE] if kind == "helpful" else \
                     C.sample(const.preference, cfg.evaluate.num_principles, C.rng_for(cfg.seed, f"eval:{p.id}"))
-                comp = judges.Comparison(data.conversation_text(p.text), answers[m][src][i], answers[o][src][i], principles)
+                comp = judges.Comparison(data.conversation_text(p.text), answers[m][src][i], answers[o][src][i],
+                                         principles)
                 voted.append(sum(expected_p_a(expected_cells(comp, True, salt=s)) for s in salts.values()) / 2)
-            assert metrics["win_rates"][f"{m}_vs_{o}/{kind}"]["win_rate"] == pytest.approx(sum(voted) / len(voted)), (m, o, kind)
+                want.append((m, o, kind, i, [pr.id for pr in principles], voted[-1]))
+            got = metrics["win_rates"][f"{m}_vs_{o}/{kind}"]["win_rate"]
+            assert got == pytest.approx(sum(voted) / len(voted)), (m, o, kind)
+    # Win rates are means, blind to verdicts moved between pairs; the per-pair record (the lab oracle's
+    # judge agreement reads it) is not.
+    judged = []
+    evaluate._judge_everything(cfg, None, const, evaluate.judges.build(cfg, None), dict.fromkeys(served), answers,
+                               red, helpful, judged)
+    assert [j[:5] for j in judged] == [w[:5] for w in want]
+    assert [j[5] for j in judged] == pytest.approx([w[5] for w in want], abs=1e-12)
     for m in served:
         for key, question, src, ps in (("harmful", evaluate.HARMFUL_Q, "red_team", red),
                                        ("evasive_red_team", evaluate.EVASIVE_Q, "red_team", red),
@@ -351,4 +368,5 @@ def test_judged_revisions_keep_their_own_rows(tmp_path):
     for g in got:
         i = g["prompt"].split()[1].rstrip("?")
         assert g["p_revision_better"] == pytest.approx(want[g["prompt"]], abs=1e-12)
-        assert (g["initial"], g["final"], g["critique"]) == (f"first answer {i}", f"revised answer {i}", f"critique {i}")
+        assert (g["initial"], g["final"], g["critique"]) == (f"first answer {i}", f"revised answer {i}",
+                                                             f"critique {i}")
