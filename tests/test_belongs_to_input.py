@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from cai_lite import constitution as C
-from cai_lite import data, judges
+from cai_lite import data, judge_llamacpp, judges
 from cai_lite.config import GenerationSettings, JudgeConfig
 from cai_lite.judge_http import OpenAIJudge
 from cai_lite.tiny import train_tokenizer
@@ -367,7 +367,7 @@ def test_llamacpp_judge_gives_each_prompt_its_own_logits(sharp_llama, tmp_path, 
     from cai_lite.llamacpp_batch import PrefixDecoder
 
     gguf = export_gguf(sharp_llama, tmp_path / "sharp-f32.gguf", "f32")
-    judge = judges.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(gguf), n_ctx=512), None)
+    judge = judge_llamacpp.LlamaCppJudge(JudgeConfig(backend="llamacpp", gguf_path=str(gguf), n_ctx=512), None)
     try:
         llm = judge.llm
         letters = [llm.tokenize(f"({x}".encode(), add_bos=False, special=False)[-1] for x in "AB"]
@@ -376,7 +376,7 @@ def test_llamacpp_judge_gives_each_prompt_its_own_logits(sharp_llama, tmp_path, 
         judge._decoder.close()
         with monkeypatch.context() as m:
             m.setitem(sys.modules, "llama_cpp", fake)  # PrefixDecoder reaches llama.cpp through the module
-            judge._decoder = PrefixDecoder(None, llm.n_vocab(), llm.n_batch, judges.JUDGE_SEQS)
+            judge._decoder = PrefixDecoder(None, llm.n_vocab(), llm.n_batch, judge_llamacpp.JUDGE_SEQS)
         judge.wave_prompts = 5  # several waves, and the common prefix carried from one to the next
         comps = comparisons(9, pad=3)
         comps[7] = judges.Comparison(comps[7].conversation + " and doors" * 300, "a", "b", PRINCIPLES[:1])  # > n_ctx

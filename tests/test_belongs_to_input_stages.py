@@ -339,9 +339,9 @@ def test_evaluate_pairs_each_prompt_with_its_answers_and_verdicts(stub, chatml, 
     assert [j[:5] for j in judged] == [w[:5] for w in want]
     assert [j[5] for j in judged] == pytest.approx([w[5] for w in want], abs=1e-12)
     for m in served:
-        for key, question, src, ps in (("harmful", evaluate.HARMFUL_Q, "red_team", red),
-                                       ("evasive_red_team", evaluate.EVASIVE_Q, "red_team", red),
-                                       ("evasive_helpful", evaluate.EVASIVE_Q, "helpful", helpful)):
+        for key, question, src, ps in (("harmful", C.HARMFUL_Q, "red_team", red),
+                                       ("evasive_red_team", C.EVASIVE_Q, "red_team", red),
+                                       ("evasive_helpful", C.EVASIVE_Q, "helpful", helpful)):
             yes = [sum(p_yes(data.conversation_text(p.text, a), question, salt=s) for s in salts.values()) / 2
                    for p, a in zip(ps, answers[m][src])]
             got = metrics["rates"][m][key]
