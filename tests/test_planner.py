@@ -20,6 +20,8 @@ from cai_lite import cli, models, planner
 from cai_lite.recipe import load_config
 from cai_lite.tiny import build_shape_folder
 
+FIXTURES = Path(__file__).parent / "fixtures"
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -65,14 +67,24 @@ def test_weights_and_adapters_match_a_loaded_nf4_model(tmp_path):
     assert planner.adapters(m, s, 1) - (m.hidden + 1) * 4 == acct["adapter_bytes"]["policy"]
 
 
-def test_plan_for_7b_runs_on_cpu_without_weights(capsys):
-    assert cli.main(["recipe=7b_qlora", "plan=true"]) == 0
+def _inputs_in_place(tmp_path) -> list[str]:
+    """Overrides that give 7b_qlora every input it reads (plan=true checks them, #26): a Qwen2.5-7B
+    folder with its config and no weights, the hh-rlhf fixture, and the optional evals off."""
+    folder = build_shape_folder(tmp_path / "Qwen2.5-7B-Instruct",
+                                json.loads((planner.SHAPES / "qwen2.5-7b.json").read_text()))
+    return [f"base.model={folder}", f"data.prompts={FIXTURES / 'hh-rlhf-harmless-base.sample.jsonl.gz'}",
+            "evaluate.hhh_path=", "evaluate.harmful_vs_ethical_path="]
+
+
+def test_plan_for_7b_runs_on_cpu_without_weights(capsys, tmp_path):
+    ready = _inputs_in_place(tmp_path)
+    assert cli.main(["recipe=7b_qlora", "plan=true", *ready]) == 0
     out = capsys.readouterr().out
-    assert "qwen2.5-7b" in out and "every stage fits" in out
+    assert "Qwen2.5-7B-Instruct/config.json (7.62B" in out and "every stage fits" in out
     for stage in ("critique_revise", "sft", "label_preferences", "reward_model", "ppo", "evaluate"):
         assert any(line.startswith(stage) and line.rstrip().endswith("yes") for line in out.splitlines()), stage
     # Too small a card names the stage and the knob to turn, and the exit status says so.
-    assert cli.main(["recipe=7b_qlora", "plan=true", "plan.shape=llama-2-7b", "plan.gpu_memory_gb=8"]) == 1
+    assert cli.main(["recipe=7b_qlora", "plan=true", "plan.shape=llama-2-7b", "plan.gpu_memory_gb=8", *ready]) == 1
     out = capsys.readouterr().out
     assert "llama-2-7b" in out and "NO: largest term" in out and "turn" in out
 
