@@ -85,7 +85,13 @@ def test_openai_judge_sends_one_bos(llama3_server, llama3, tmp_path, monkeypatch
     prompts = _prompts()
     assert all(p is not None for p in judge.option_probs(prompts, "AB"))
     assert len(sent) == len(prompts)
-    for (text, counted), p in zip(sent, prompts):
+    # Requests go out concurrently, so `sent` is in completion order: pair each with its prompt by the
+    # question's number, which only that prompt holds.
+    by_prompt = {next(i for i in range(len(prompts)) if f"{QUESTION} ({i})" in text): (text, counted)
+                 for text, counted in sent}
+    assert sorted(by_prompt) == list(range(len(prompts)))
+    for i, p in enumerate(prompts):
+        text, counted = by_prompt[i]
         local = tok(data.render(tok, p.messages, p.prefill), add_special_tokens=False)["input_ids"]
         assert local[0] == tok.bos_token_id and local[1] != tok.bos_token_id  # the template writes the BOS text
         assert _server_tokens(llama3_server, text) == local
