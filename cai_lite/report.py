@@ -92,9 +92,9 @@ def judge_vs_oracle_rows(metrics: dict) -> list[list[str]]:
 
 
 JUDGE_GAP_NOTE = ("The judge's rates are one yes/no question put to the judge model (both option orders); the "
-                  "oracle's are ground truth. A gap over 0.1, marked (!), measures the judge, not the model: the lab "
-                  "judge learnt these questions from a tenth of its corpus and answers them near its prior, while its "
-                  "pairwise comparisons, which train the reward model, agree with the oracle far better (above).")
+                  "oracle's are ground truth. A gap over 0.1, marked (!), measures the judge, not the model: the judge "
+                  "misreads that model's answers, and the win rates above, which come from the same judge, carry the "
+                  "same error. The pairwise agreement above is the judge's accuracy where it trains the reward model.")
 
 
 def _text_table(rows: list[list[str]]) -> str:
