@@ -2,7 +2,8 @@
 
     cai-lite [recipe=NAME | --config FILE.yaml] [key=value | --key value ...]
     cai-lite --help recipe=7b_qlora     # every key, with the values that recipe gives it, and examples
-    cai-lite recipe=7b_qlora plan=true  # each stage's estimated peak memory and every missing input; loads no weights
+    cai-lite recipe=7b_qlora plan=true  # each stage's estimated peak memory, every missing input, and each
+                                        # stage's time from a short probe of base.model (plan.probe=false: none)
     cai-lite report RUN_DIR             # RUN_DIR/report.html: the run browser of whatever RUN_DIR holds
     cai-lite --version
 
@@ -26,7 +27,8 @@ EXAMPLES = """examples:
   cai-lite recipe=tiny_cpu                      a random tiny model through every stage (a minute on CPU)
   cai-lite recipe=7b_qlora base.model=models/Qwen2.5-7B-Instruct
                                                 a real model (fetch it and the data first: README, "For a real model")
-  cai-lite recipe=7b_qlora plan=true            memory per stage on a 24 GB card, and every missing input; loads nothing
+  cai-lite recipe=7b_qlora plan=true            memory per stage on a 24 GB card, every missing input, and each
+                                                stage's time from a short probe (plan.probe=false: loads nothing)
   cai-lite recipe=tiny_cpu                      the same again after a crash or Ctrl-C: it resumes
   cai-lite recipe=tiny_cpu force=[sft]          redo sft (and the stages that read it) with changed settings
   cai-lite recipe=tiny_cpu sft.lr=1e-4 stages=[critique_revise,sft] report_to=[tensorboard,wandb]"""
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = recipe.normalize_argv(argv, errors)  # `--plan true` is plan=true, as every --key value is
         if errors:
             raise ConfigError(errors)
-        # plan=true is an action, not a setting: a dry run that loads no weights (plan.* are its settings).
+        # plan=true is an action, not a setting: a dry run that writes nothing (plan.* are its settings).
         dry = [a for a in argv if a.lower() in ("plan=true", "plan=false")]
         argv = [a for a in argv if a not in dry]
         cfg = recipe.load_config(argv)
@@ -126,9 +128,10 @@ def report(argv: list[str]) -> int:
 
 
 def _plan(cfg) -> int:
-    """plan=true: the memory table, then every input a run would stop on. Raises ConfigError (exit 2)
-    listing the missing inputs and any problem with the plan's shape, all together."""
-    from cai_lite import pipeline, planner
+    """plan=true: the memory table, then every input a run would stop on, then the time estimate.
+    Raises ConfigError (exit 2) listing the missing inputs and any problem with the plan's shape,
+    all together."""
+    from cai_lite import pipeline, planner, probe
     from cai_lite.typed_yaml import ConfigError
 
     try:
@@ -142,6 +145,7 @@ def _plan(cfg) -> int:
     if problems:
         raise ConfigError(problems)
     print("inputs: every file, folder and server the selected stages read is in place")
+    print(probe.report(cfg))  # after the checks: it reads every prompt file, and may load the base
     return 0 if fits else 1
 
 

@@ -156,6 +156,8 @@ class PlanConfig:
     """Memory of the card `plan=true` checks each stage's estimated peak against, in GiB."""
     shape: str = ""
     """Model shape to plan for: a shipped one (llama-2-7b, mistral-7b, qwen2.5-7b, llama-3.1-8b) or a config.json path; empty: `base.model`'s config.json, else the shipped shape named in `base.model`."""
+    probe: bool = True
+    """Also estimate each stage's wall time: count its work from the recipe and prompt files and price it at the rates of a short probe that loads `base.model` on `base.device` and times sampling, a forward and a training step (seconds on a small model, about a minute on a 7B). Off, or where `base.model` holds no weights, `plan=true` prints the work counts only and loads nothing."""
 
 
 _TRAINED = ("sft", "reward_model", "ppo", "rloo", "dpo")
@@ -236,7 +238,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     """Stage export: merged HF folder + GGUF."""
     plan: PlanConfig = field(default_factory=PlanConfig)
-    """The memory planner (`plan=true`): no stage reads it."""
+    """The memory planner and time estimate (`plan=true`): no stage reads it."""
 
     @property
     def path(self) -> Path:

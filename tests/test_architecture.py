@@ -1,8 +1,8 @@
 """The house, held against its design (docs/architecture.md): every `import` in cai_lite, module
 level or inside a function, read with `ast`, and checked against the floors. Arrows run down only:
-the entry (cli, pipeline, stage_plan, planner, recipe) may use stages; stages use the machinery and
-never one another; the machinery never reaches up into a stage or the entry; config and stage_config
-are the ground floor. The lab is a wing: it uses only the pure prompt builders and data helpers, and
+the entry (cli, pipeline, stage_plan, planner, estimate, probe, recipe) may use stages; stages use
+the machinery and never one another; the machinery never reaches up into a stage or the entry;
+config and stage_config are the ground floor. The lab is a wing: it uses only the pure prompt builders and data helpers, and
 only evaluate (its oracle) and the pipeline (building its base folder; stage_plan hashing it) read it.
 
     python -m pytest -q tests/test_architecture.py
@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "cai_lite"
-ENTRY = {"cli", "__main__", "pipeline", "stage_plan", "planner", "recipe"}
+ENTRY = {"cli", "__main__", "pipeline", "stage_plan", "planner", "estimate", "probe", "recipe"}
 GROUND = {"config", "stage_config", "typed_yaml"}
 LAB_MAY_USE = {"constitution", "data", "tiny", "config", "typed_yaml"}  # pure builders, data helpers, tokenizer
 READS_LAB = {"stages.evaluate", "pipeline", "stage_plan"}
