@@ -72,8 +72,8 @@ class GenerationSettings:
     """Sampling temperature; 0 means greedy."""
     top_p: float = ranged(0.95, "(0, 1]")
     """Nucleus sampling mass."""
-    batch_size: int = ranged(8, ">= 1")
-    """Prompts generated together."""
+    batch_size: int | Literal["auto"] = ranged(8, ">= 1")
+    """Prompts generated together (and sequences the reward model scores at once in rloo and evaluate). auto: the largest batch whose KV cache and activations fit the device's memory beside the stage's weights and adapters by the memory planner (planner.py), at most 64; chosen once per run after the base loads and printed (`plan=true` shows the pick for `plan.gpu_memory_gb`). Not part of the config hash: every row is sampled from its own seed, so the text does not depend on how rows are batched."""
     max_prompt_tokens: int = ranged(1024, ">= 1")
     """Prompts longer than this are cut from the left (the oldest text goes first), and counted."""
     backend: Literal["local", "openai"] = "local"

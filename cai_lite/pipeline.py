@@ -25,7 +25,7 @@ import torch
 import transformers
 import yaml
 
-from cai_lite import cards, checkpoint, distributed, downloads, logs, rundir, stage_plan, tracking
+from cai_lite import cards, checkpoint, distributed, downloads, logs, planner, rundir, stage_plan, tracking
 from cai_lite.config import Config
 from cai_lite.stage_plan import NAMES, STAGES, Plan
 from cai_lite.typed_yaml import ConfigError
@@ -105,6 +105,41 @@ def check_inputs(cfg: Config) -> list[str]:
     except ConfigError as e:
         errors += e.errors
     return errors
+
+
+def device_memory(device: torch.device, fallback_gb: float) -> tuple[int, str]:
+    """The memory batch_size=auto fills, and what it is: the card's total on CUDA; on CPU the RAM
+    free now (MemAvailable, Linux), else plan.gpu_memory_gb."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "RAM available"
+    except OSError:
+        pass
+    return int(fallback_gb * planner.GiB), "plan.gpu_memory_gb (no /proc/meminfo)"
+
+
+def resolve_auto(cfg: Config) -> Config:
+    """`cfg` with every batch_size=auto set to the planner's pick for the run's device and
+    `base.model`'s shape (never plan.shape: that plans another model); `cfg` itself where nothing
+    is auto. Called once per process before the base loads, so the stages and the base only ever
+    see numbers, and on CPU the RAM the weights will take is still free (the planner counts them).
+    Logs each pick; raises ConfigError naming the key where not even one row fits."""
+    if not planner.auto_keys(cfg):
+        return cfg
+    d = cfg.base.device  # as models.load_base picks it
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if d == "auto" else d)
+    card, what = device_memory(device, cfg.plan.gpu_memory_gb)
+    own = dataclasses.replace(cfg, plan=dataclasses.replace(cfg.plan, shape=""))
+    picks = planner.auto_picks(own, card, what, cuda=device.type == "cuda")
+    for p in picks:
+        log.info("%s", p.line())
+    if bad := [p for p in picks if not p.rows]:
+        raise ConfigError([f"{p.key}: auto found no batch that fits ({p.line()}); set {p.key} to a number, or "
+                           "shorten the sequences (generation.max_prompt_tokens, max_new_tokens)" for p in bad])
+    return planner.with_picks(cfg, picks)
 
 
 class _Memory:
@@ -202,6 +237,7 @@ def _execute(cfg: Config, decided: Plan) -> dict[str, dict]:
         log.info("building tiny %s model at %s", arch, cfg.base.model)
         tiny.build_tiny_model(cfg.base.model, arch)
     distributed.barrier()  # the others load the model rank 0 may have just built
+    cfg = resolve_auto(cfg)  # a copy with numbers for batch_size=auto; config.yaml keeps what was asked
     base = models.load_base(cfg)
     memory = _Memory(base.device)
     made_by = rundir.versions()

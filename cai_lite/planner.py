@@ -12,6 +12,7 @@ against measured peaks on CPU, `benchmarks/gpu_check.py` on a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,12 +223,12 @@ def sampling(m: Model, s: Settings, batch: int, prompt_len: int, new_tokens: int
     return {"activations": max(0, at_prefill - full), "kv_cache": full}
 
 
-def ppo_step(m: Model, s: Settings, prompts: int, prompt_len: int, response_len: int, minibatch: int,
+def ppo_step(m: Model, s: Settings, rows: int, prompt_len: int, response_len: int, minibatch: int,
              chunk: int) -> dict:
     """Five adapters (sft, reference, reward, policy, value), two trained. The rollout (KV cache of
-    every prompt) and the update (one minibatch's training pass) come one after the other: the peak
-    is the larger of the two."""
-    rollout = sampling(m, s, prompts, prompt_len, response_len)
+    the `rows` sequences sampled at once, ppo.rollout_batch_size) and the update (one minibatch's
+    training pass) come one after the other: the peak is the larger of the two."""
+    rollout = sampling(m, s, rows, prompt_len, response_len)
     update = training(m, s, minibatch, prompt_len + response_len,
                       chunked_logits(m, s, minibatch * response_len, chunk))
     phase = update if sum(update.values()) >= sum(rollout.values()) else rollout
@@ -249,7 +250,8 @@ def stage_terms(cfg: Config, m: Model, s: Settings, stage: str) -> dict | None:
         return reward_step(m, s, cfg.reward_model.batch_size, cfg.reward_model.max_seq_len)
     if stage == "ppo":
         p = cfg.ppo
-        return ppo_step(m, s, p.batch_size, g.max_prompt_tokens, p.max_new_tokens, p.minibatch_size, p.logit_chunk)
+        return ppo_step(m, s, p.rollout_batch_size, g.max_prompt_tokens, p.max_new_tokens, p.minibatch_size,
+                        p.logit_chunk)
     if stage == "rloo":
         r = cfg.rloo
         t = {"adapters": adapters(m, s, 4), "optimizer": optimizer(m, s, 1)}
@@ -265,9 +267,87 @@ def stage_terms(cfg: Config, m: Model, s: Settings, stage: str) -> dict | None:
     return None  # export works on the CPU copy
 
 
+# ---- batch_size=auto -----------------------------------------------------------------------------
+
+# generation.batch_size=auto goes no higher: past a few dozen rows one decode step is compute-bound on
+# the cards cai_lite targets, so more rows add memory, not speed (ppo's cap is ppo.batch_size).
+AUTO_CAP = 64
+AUTO_KEYS = ("generation.batch_size", "ppo.rollout_batch_size")
+
+
+def auto_terms(cfg: Config, m: Model, s: Settings, key: str, rows: int) -> dict:
+    """The terms that bound `key` at `rows` sequences sampled at once: a generating stage (its four
+    adapters at most), or ppo's rollout beside its five adapters and two optimizers."""
+    g = cfg.generation
+    if key == "generation.batch_size":
+        t = generation_stage(m, s, rows, g.max_prompt_tokens, g.max_new_tokens, 4)
+    else:
+        t = {"adapters": adapters(m, s, 5), "optimizer": optimizer(m, s, 2)} \
+            | sampling(m, s, rows, g.max_prompt_tokens, cfg.ppo.max_new_tokens)
+    return {"weights": base_weights(m, s)} | t
+
+
+@dataclass
+class Pick:
+    """What `key=auto` resolves to on a card of `card` bytes."""
+
+    key: str
+    rows: int  # the largest batch that fits, at most `cap`; 0 where not even one row fits
+    cap: int
+    terms: dict  # the terms at `rows` (at 1 where none fits)
+    card: int
+    card_name: str  # where `card` came from: plan.gpu_memory_gb, the GPU's name, RAM available
+
+    def line(self) -> str:
+        terms = " + ".join(f"{k} {v / GiB:.2f}" for k, v in self.terms.items() if v)
+        peak = (sum(self.terms.values()) + OVERHEAD) / GiB
+        got = f"{self.rows}" if self.rows else "none fits: at 1 row"
+        return (f"{self.key}=auto -> {got} ({terms} + overhead {OVERHEAD / GiB:.0f} = {peak:.2f} of "
+                f"{self.card / GiB:.1f} GiB, {self.card_name}; cap {self.cap}{' reached' * (self.rows == self.cap)})")
+
+
+def pick(cfg: Config, m: Model, s: Settings, key: str, card: int, card_name: str) -> Pick:
+    """The largest batch whose terms + OVERHEAD fit `card`, by bisection (every term grows with it)."""
+    cap = AUTO_CAP if key == "generation.batch_size" else cfg.ppo.batch_size
+    low, high = 0, cap  # fits(low) holds (no rows, no cache); find the last b in [low, high] that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        if sum(auto_terms(cfg, m, s, key, mid).values()) + OVERHEAD <= card:
+            low = mid
+        else:
+            high = mid - 1
+    return Pick(key, low, cap, auto_terms(cfg, m, s, key, max(low, 1)), card, card_name)
+
+
+def auto_keys(cfg: Config) -> list[str]:
+    return [k for k in AUTO_KEYS if getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) == "auto"]
+
+
+def auto_picks(cfg: Config, card: int, card_name: str, cuda: bool | None = None) -> list[Pick]:
+    """A Pick for every key set to auto, for the model of `shape_config(cfg)`; `cuda` overrides
+    base.device's guess (the device a run really got)."""
+    keys = auto_keys(cfg)
+    if not keys:
+        return []
+    config, name = shape_config(cfg)
+    m = count(config, name, list(cfg.lora.target_modules))
+    s = settings(cfg)
+    s = s if cuda is None else Settings(**{**vars(s), "cuda": cuda})
+    return [pick(cfg, m, s, k, card, card_name) for k in keys]
+
+
+def with_picks(cfg: Config, picks: list[Pick]) -> Config:
+    """A copy of `cfg` with each picked key set to its batch (1 where none fits); `cfg` is unchanged."""
+    sections = {}
+    for p in picks:
+        section, name = p.key.split(".")
+        sections[section] = dataclasses.replace(sections.get(section, getattr(cfg, section)), **{name: max(p.rows, 1)})
+    return dataclasses.replace(cfg, **sections)
+
+
 KNOBS = {"activations": "the stage's batch_size / max_seq_len, or base.gradient_checkpointing=true",
          "logits": "the stage's batch_size or max_seq_len (the full-vocabulary logits grow with both)",
-         "kv_cache": "generation.batch_size / ppo.batch_size or generation.max_prompt_tokens",
+         "kv_cache": "generation.batch_size / ppo.rollout_batch_size or generation.max_prompt_tokens",
          "weights": "base.upcast_frozen=false, or a smaller model",
          "optimizer": "lora.r", "adapters": "lora.r"}
 
@@ -280,10 +360,12 @@ def plan(cfg: Config) -> tuple[str, bool]:
     cols = ["weights", "adapters", "optimizer", "activations", "logits", "kv_cache"]
     gb = lambda x: f"{x / GiB:6.2f}"  # noqa: E731
     card = cfg.plan.gpu_memory_gb * GiB
+    picks = auto_picks(cfg, int(card), "plan.gpu_memory_gb")
+    cfg = with_picks(cfg, picks)  # an auto batch is planned at its pick (at 1 where none fits: the row says NO)
     lines = [f"memory plan: {name} ({(m.quantized + m.embeddings + m.other) / 1e9:.2f}B parameters, vocab {m.vocab}), "
-             f"NF4 + LoRA r={s.lora_r}, GiB, card {cfg.plan.gpu_memory_gb:g} GiB",
+             f"NF4 + LoRA r={s.lora_r}, GiB, card {cfg.plan.gpu_memory_gb:g} GiB", *(p.line() for p in picks),
              f"{'stage':<18}" + "".join(f"{c:>12}" for c in cols) + f"{'peak':>9}  fits"]
-    ok = True
+    ok = all(p.rows for p in picks)
     for stage in cfg.stages:
         t = stage_terms(cfg, m, s, stage)
         if t is None:

@@ -127,6 +127,8 @@ class PPOConfig:
     """How many helpful prompts to add (0 = all)."""
     batch_size: int = ranged(16, ">= 1")
     """Prompts per rollout."""
+    rollout_batch_size: int | Literal["auto"] = ranged("auto", ">= 1")
+    """Sequences sampled at once during a rollout: the decode loop keeps this many rows in flight and refills finished ones. auto: the largest batch whose KV cache fits the device's memory beside ppo's five adapters and optimizer by the memory planner (planner.py), never more than ppo.batch_size; chosen once per run after the base loads and printed. Not part of the config hash: every row is sampled from its own seed."""
     minibatch_size: int = ranged(4, ">= 1")
     """Sequences per gradient step (several make one optimizer step via grad_accum)."""
     grad_accum: int = ranged(1, ">= 1")

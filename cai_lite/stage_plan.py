@@ -71,8 +71,11 @@ def _pick_raw(cfg: Config, key: str):
         picked = [{k: v for k, v in dataclasses.asdict(j).items() if k not in UNHASHED} for j in judges]
         return picked[0] if key == "judge" else picked
     if dataclasses.is_dataclass(value):  # how often to checkpoint, how many logits at once, how many rows
-        # the run browser embeds (a page `cai-lite report` redraws): never what is made
-        skip = ("save_every", "logit_chunk", "report_rows") + (SERVER_FIELDS if key == "generation" else ())
+        # the run browser embeds (a page `cai-lite report` redraws), how many rows are sampled at once
+        # (each row draws from its own seed, so its text does not depend on its batch; `auto` picks by
+        # the device's memory, which must not make a run on another card look changed): never what is made
+        skip = ("save_every", "logit_chunk", "report_rows", "rollout_batch_size") \
+            + (SERVER_FIELDS + ("batch_size",) if key == "generation" else ())
         return {k: v for k, v in dataclasses.asdict(value).items() if k not in skip}
     return value
 

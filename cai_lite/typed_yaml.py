@@ -45,9 +45,10 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def ranged(default: float, span: str) -> Any:
+def ranged(default: float | str, span: str) -> Any:
     """A number field and the values it takes: "> 0", ">= 1" or an interval such as "(0, 1]",
-    optionally followed by why (the end of the error message)."""
+    optionally followed by why (the end of the error message). In a number-or-word field
+    (`int | Literal["auto"]`) the span holds for the numbers."""
     return dataclasses.field(default=default, metadata={"range": span})
 
 
@@ -75,7 +76,8 @@ def check_ranges(obj: Any, prefix: str = "") -> list[str]:
             for i, item in enumerate(value):
                 if dataclasses.is_dataclass(item):
                     errors += check_ranges(item, f"{prefix}{f.name}[{i}].")
-        elif "range" in f.metadata and not _allows(f.metadata["range"], value):
+        # A number-or-word field (`int | Literal["auto"]`) has a range for its numbers only.
+        elif "range" in f.metadata and isinstance(value, (int, float)) and not _allows(f.metadata["range"], value):
             span = f.metadata["range"]
             errors.append(f"{prefix}{f.name} must be {'in ' if span[0] in '([' else ''}{span} (got {value})")
     return errors
@@ -130,6 +132,14 @@ def _coerce(value: Any, t: Any, key: str, errors: list[str], raw: str | None) ->
             return value
         errors.append(f"{key}: expected one of {', '.join(map(str, choices))}, got {raw if raw is not None else value!r}")
         return None
+    if origin in (typing.Union, types.UnionType):
+        # e.g. `int | Literal["auto"]`: the first member that takes the value, else one error for the union
+        for member in typing.get_args(t):
+            tried: list[str] = []
+            v = _coerce(value, member, key, tried, raw)
+            if not tried:
+                return v
+        return bad()
     if origin is list:
         (item_t,) = typing.get_args(t)
         if isinstance(value, str) and raw is not None and not raw.startswith("["):

@@ -128,6 +128,8 @@ def fake_stages(tmp_path, monkeypatch):
         monkeypatch.setattr(stage, "run", fake_run(name, stage))
         monkeypatch.delattr(stage, "check", raising=False)
     monkeypatch.setattr(models, "load_base", lambda cfg: seen.update(cfg=cfg) or stand_in)
+    # The stand-in model folder below has no shape to size batch_size=auto by; the stages are fakes anyway.
+    monkeypatch.setattr(pipeline, "resolve_auto", lambda cfg: cfg)
     monkeypatch.setattr(models, "memory_account", lambda base: {})
     model = tmp_path / "model"
     model.mkdir()
