@@ -119,7 +119,8 @@ def ppo_separate(cfg, bases: dict, prompts: list[str]) -> dict:
     params = models.adapter_parameters(pol, "policy") + models.adapter_parameters(val, "value")
     opt = torch.optim.AdamW(params, lr=pc.lr)
     with Peak() as p:
-        ro = rollout.sample(pol, "policy", prompts, pc.max_new_tokens, pc.temperature, g.max_prompt_tokens)
+        ro = rollout.sample(pol, "policy", prompts, pc.max_new_tokens, pc.temperature, g.max_prompt_tokens,
+                            len(prompts))
         with torch.no_grad():
             old = rollout.response_logprobs(pol, "policy", ro, pc.temperature, pc.minibatch_size, pc.logit_chunk)
             ref_lp = rollout.response_logprobs(ref, "reference", ro, pc.temperature, pc.minibatch_size,

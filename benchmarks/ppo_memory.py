@@ -67,7 +67,7 @@ def build(folder: Path) -> None:
 def step(bases: dict, prompts: list[str]) -> None:
     """One PPO step where each role runs on `bases[role]` (the same object, or four)."""
     pol, ref, rew, val = bases["policy"], bases["reference"], bases["reward"], bases["value"]
-    ro = rollout.sample(pol, "policy", prompts, 16, 1.0, 64)
+    ro = rollout.sample(pol, "policy", prompts, 16, 1.0, 64, len(prompts))
     chunk = pol.cfg.ppo.logit_chunk
     old = rollout.response_logprobs(pol, "policy", ro, 1.0, 2, chunk)
     ref_lp = rollout.response_logprobs(ref, "reference", ro, 1.0, 2, chunk)

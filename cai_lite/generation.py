@@ -12,14 +12,16 @@ is returned. `sample()` is what the generating stages call: `generate()` here, o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from cai_lite import data, generation_http, models
+from cai_lite import data, decode, generation_http, models
 from cai_lite.config import GenerationSettings
 from cai_lite.models import SharedBase
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,6 +29,8 @@ class Generated:
     texts: list[str]
     ended: list[bool]  # True where the model emitted EOS before the token cap
     truncated: list[bool]  # True where the prompt was cut to generation.max_prompt_tokens
+    new_tokens: list[int] = field(default_factory=list)  # tokens generated per row, EOS included
+    stats: decode.Stats | None = None  # what the loop computed (None from a server)
 
 
 def tokenize_left(base: SharedBase, texts: list[str], max_tokens: int) -> tuple[dict, list[bool]]:
@@ -50,33 +54,49 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-@torch.no_grad()
+def row_seeds(n: int) -> list[int]:
+    """One seed per row, from torch's global generator (which each stage seeds per shard), in prompt
+    order: what makes a resumed shard sample the same rows however they are batched (decode.py)."""
+    return torch.randint(2**62, (n,)).tolist()
+
+
+def sampling_settings(model, temperature: float, top_p: float) -> decode.Sampling:
+    """Our temperature and top_p over the model's generation_config, named in a warning where it sets
+    something the loop does not apply."""
+    gc = getattr(model, "generation_config", None)
+    skipped = [k for k, default in decode.IGNORED_DEFAULTS.items() if getattr(gc, k, default) not in (default, None)]
+    if skipped and temperature > 0 and id(gc) not in _WARNED:
+        _WARNED.add(id(gc))
+        log.warning("the model's generation_config sets %s, which cai_lite's sampling loop does not apply "
+                    "(it applies temperature, top_p, %s)", ", ".join(skipped), ", ".join(decode.APPLIED))
+    return decode.Sampling.merged(gc, temperature, top_p)
+
+
+_WARNED: set[int] = set()
+
+
 def generate(base: SharedBase, prompts: list[str], adapter: str | None, g: GenerationSettings,
              max_new_tokens: int | None = None, temperature: float | None = None, desc: str = "generate") -> Generated:
-    """Sample one completion per prompt with adapter `adapter` (None = bare base). Settings not in
-    `generation` (top_k, repetition_penalty, ...) are the model's own generation_config."""
-    texts, ended, cut = [], [], []
+    """Sample one completion per prompt with adapter `adapter` (None = bare base), `g.batch_size` rows
+    in flight, longest prompts first, finished rows refilled (decode.py); answers in prompt order.
+    Settings not in `generation` (top_k, repetition_penalty, ...) are the model's own generation_config."""
+    if not isinstance(g.batch_size, int):
+        raise ValueError(f"generation.batch_size={g.batch_size!r}: the pipeline resolves auto before a stage runs")
+    tok = base.tokenizer
     temperature = g.temperature if temperature is None else temperature
+    ids = tok(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+    cut = [len(x) > g.max_prompt_tokens for x in ids]
+    ids = [data.cut_left(tok, x, g.max_prompt_tokens) for x in ids]
+    seeds = row_seeds(len(ids)) if temperature > 0 else None
     eos = models.eos_ids(base)
     with models.role(base, adapter) as model:
-        for start in tqdm(range(0, len(prompts), g.batch_size), desc=desc, leave=False, disable=len(prompts) <= g.batch_size):
-            batch, batch_cut = tokenize_left(base, prompts[start:start + g.batch_size], g.max_prompt_tokens)
-            cut += batch_cut
-            sampling = dict(do_sample=True, temperature=temperature, top_p=g.top_p) if temperature > 0 else dict(do_sample=False)
-            out = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens or g.max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=base.tokenizer.pad_token_id,
-                **sampling,
-            )
-            new = out[:, batch["input_ids"].shape[1]:]  # (B, T_new)
-            for row in new:
-                hit = torch.isin(row, torch.tensor(eos, device=row.device)).nonzero()
-                ended.append(bool(len(hit)))
-                row = row[: hit[0, 0]] if len(hit) else row
-                texts.append(base.tokenizer.decode(row, skip_special_tokens=True).strip())
-    return Generated(texts, ended, cut)
+        rows, stats = decode.decode(model, ids, max_new_tokens=max_new_tokens or g.max_new_tokens, eos=eos,
+                                    pad=tok.pad_token_id, slots=g.batch_size,
+                                    sampling=sampling_settings(model, temperature, g.top_p), seeds=seeds,
+                                    device=base.device, desc=desc)
+    ended = [bool(r) and r[-1] in eos for r in rows]
+    texts = [tok.decode(r[:-1] if e else r, skip_special_tokens=True).strip() for r, e in zip(rows, ended)]
+    return Generated(texts, ended, cut, [len(r) for r in rows], stats)
 
 
 def sample(base: SharedBase, prompts: list[str], adapter: str | None, g: GenerationSettings,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cai_lite import adapter_files, data, generation, losses, models, rundir
+from cai_lite import adapter_files, data, decode, generation, losses, models, rundir
 from cai_lite.models import SharedBase
 
 
@@ -42,19 +42,24 @@ class Rollout:
 
 @torch.no_grad()
 def sample(base: SharedBase, adapter: str, prompts: list[str], max_new_tokens: int, temperature: float,
-           max_prompt_tokens: int) -> Rollout:
-    """One sampled response per prompt (repeat prompts for several), with the adapter `adapter`."""
+           max_prompt_tokens: int, batch_size: int) -> Rollout:
+    """One sampled response per prompt (repeat prompts for several), with the adapter `adapter`,
+    `batch_size` rows in flight (decode.py), each row with its own seed from torch's generator."""
     tok = base.tokenizer
     rendered = [data.render(tok, [{"role": "user", "content": p}]) for p in prompts]
     enc, _ = generation.tokenize_left(base, rendered, max_prompt_tokens)
+    ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
     eos = models.eos_ids(base)
+    # Pure sampling from pi/T: no top-k/top-p or repetition penalty from the model's generation_config
+    # (Qwen2.5 sets one), or the log-prob ratios and the KL estimate would be of another distribution.
+    pure = decode.Sampling(temperature, top_p=1.0, top_k=0)
     with models.role(base, adapter) as model:
-        # Pure sampling from pi/T: no top-k/top-p or repetition penalty from the model's generation_config
-        # (Qwen2.5 sets one), or the log-prob ratios and the KL estimate would be of another distribution.
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                             top_p=1.0, top_k=0, repetition_penalty=1.0, eos_token_id=eos,
-                             pad_token_id=tok.pad_token_id)
-    resp, mask, ended = cut_at_eos(out[:, enc["input_ids"].shape[1]:], eos, tok.pad_token_id)
+        rows, _ = decode.decode(model, ids, max_new_tokens=max_new_tokens, eos=eos, pad=tok.pad_token_id,
+                                slots=batch_size, sampling=pure, seeds=generation.row_seeds(len(ids)),
+                                device=base.device, progress=False)
+    width = max(len(r) for r in rows)
+    out = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=base.device)  # (B, T)
+    resp, mask, ended = cut_at_eos(out, eos, tok.pad_token_id)
     texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(resp, mask)]
     return Rollout(enc["input_ids"], enc["attention_mask"], resp, mask, ended, list(prompts), texts)
 

@@ -114,7 +114,7 @@ def test_local_generation_answers_each_prompt_in_its_own_row(counting):
 
 def test_rollouts_keep_each_prompt_with_its_response_and_score(counting):
     tok, eos = counting.tokenizer, counting.tokenizer.eos_token_id
-    ro = rollout.sample(counting, "policy", ASKED, 5, 1.0, 64)
+    ro = rollout.sample(counting, "policy", ASKED, 5, 1.0, 64, len(ASKED))
     want = [counted(tok, p, 5) for p in ASKED]
     assert ro.prompts == ASKED and ro.texts == [answer_text(tok, p, 5) for p in ASKED]
     assert ro.ended.tolist() == [ended for _, ended in want]

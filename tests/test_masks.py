@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from cai_lite import adapter_files, data, generation, models, rollout
+from cai_lite import adapter_files, data, decode, generation, models, rollout
 from cai_lite.stages import sft
 
 from conftest import tiny_config
@@ -34,15 +34,16 @@ def test_cut_at_eos_keeps_the_first_eos_and_pads_after_it():
     assert ended.tolist() == [True, True, False] and mask.dtype == torch.float32
 
 
-class _Generates:
-    """Stands in for the model in rollout.sample: appends fixed response ids to the prompt."""
+class _Decodes:
+    """Stands in for decode.decode in rollout.sample: fixed generated ids per prompt, as the loop
+    returns them (each row stops at its EOS), and the arguments it was called with."""
 
-    def __init__(self, response: torch.Tensor):
-        self.response, self.kwargs = response, {}
+    def __init__(self, rows: list[list[int]]):
+        self.rows, self.kwargs = rows, {}
 
-    def generate(self, input_ids, attention_mask, **kwargs):
-        self.kwargs = kwargs
-        return torch.cat([input_ids, self.response[: len(input_ids)]], 1)
+    def __call__(self, model, prompts, **kwargs):
+        self.prompts, self.kwargs = prompts, kwargs
+        return [list(r) for r in self.rows[: len(prompts)]], None
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +54,15 @@ def tokenizer(tiny_llama):
 def test_sample_masks_through_the_eos_and_decodes_only_the_response(tokenizer, monkeypatch):
     hello = tokenizer("hello", add_special_tokens=False)["input_ids"]
     world = tokenizer(" world", add_special_tokens=False)["input_ids"]
-    w = 2 * len(world) - 1  # tokens after the first row's EOS
-    response = torch.tensor([hello + [EOS] + (world + world)[:w], hello + world + world])
-    fake = _Generates(response)
+    w = 2 * len(world) - 1  # the second row's tokens past the first row's EOS: padding in the first row
+    fake = _Decodes([hello + [EOS], hello + world + world])
     base = SimpleNamespace(tokenizer=tokenizer, device=torch.device("cpu"),
                            model=SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None)))
     used = []
-    monkeypatch.setattr(models, "role", lambda b, name: used.append(name) or contextlib.nullcontext(fake))
-    ro = rollout.sample(base, "policy", ["Hi", "A longer question here?"], 9, 0.7, 512)
+    monkeypatch.setattr(models, "role", lambda b, name: used.append(name) or contextlib.nullcontext("model"))
+    monkeypatch.setattr(decode, "decode", fake)
+    torch.manual_seed(0)
+    ro = rollout.sample(base, "policy", ["Hi", "A longer question here?"], 9, 0.7, 512, 2)
     n = len(hello)
     assert used == ["policy"]
     assert ro.mask.tolist() == [[1.0] * (n + 1) + [0.0] * w, [1.0] * (n + 1 + w)]
@@ -69,13 +71,14 @@ def test_sample_masks_through_the_eos_and_decodes_only_the_response(tokenizer, m
     assert ro.texts == ["hello", "hello world world"] and ro.prompts == ["Hi", "A longer question here?"]
     # Left-padded prompts: the shorter one starts with padding that the attention mask hides.
     assert ro.query_mask[0, 0].item() == 0 and ro.query_mask[1].tolist() == [1] * ro.query.shape[1]
-    assert ro.query[1].tolist() == tokenizer(data.render(tokenizer, [{"role": "user", "content":
-                                                                      "A longer question here?"}]),
-                                             add_special_tokens=False)["input_ids"]
+    rendered = tokenizer(data.render(tokenizer, [{"role": "user", "content": "A longer question here?"}]),
+                         add_special_tokens=False)["input_ids"]
+    assert ro.query[1].tolist() == rendered and fake.prompts[1] == rendered  # the loop gets the prompt unpadded
     kw = fake.kwargs
-    assert kw["do_sample"] is True and kw["temperature"] == 0.7 and kw["max_new_tokens"] == 9
-    assert kw["top_p"] == 1.0 and kw["top_k"] == 0 and kw["repetition_penalty"] == 1.0  # pure sampling
-    assert kw["eos_token_id"] == [EOS] and kw["pad_token_id"] == PAD
+    assert kw["sampling"] == decode.Sampling(0.7, top_p=1.0, top_k=0)  # pure sampling: no filter, no penalty
+    assert kw["max_new_tokens"] == 9 and kw["slots"] == 2 and kw["eos"] == [EOS] and kw["pad"] == PAD
+    torch.manual_seed(0)
+    assert kw["seeds"] == generation.row_seeds(2) and len(set(kw["seeds"])) == 2  # one seed per row, from torch's
     # The full sequence glues prompt and response, and attends to the response only up to its EOS.
     ids, att = ro.full()
     assert ids.tolist() == torch.cat([ro.query, ro.response], 1).tolist()

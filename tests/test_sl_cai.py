@@ -108,11 +108,12 @@ def test_kill_and_resume_gives_the_uninterrupted_bytes(tmp_path, tiny_llama, sta
         (len(kept) if stage == "critique_revise" else 12)
     rows = data.read_shards(out)
     assert len(rows) == 12 and len({r["id"] for r in rows}) == 12
-    # The same run, never interrupted: every shard, resumed or not, has the same bytes.
+    # The same run, never interrupted and batched otherwise (each row samples from its own seed, so
+    # rows do not depend on their batch): every shard, resumed or not, has the same bytes.
     straight = tmp_path / "straight"
     for done in ("critique_revise", "sft") if stage == "label_preferences" else ():
         shutil.copytree(tmp_path / "kill" / done, straight / done)  # the same inputs, so only resuming differs
-    pipeline.run(tiny_config(straight, tiny_llama, *args[4:]))
+    pipeline.run(tiny_config(straight, tiny_llama, *args[4:], "generation.batch_size=1"))
     names = sorted(p.name for p in out.glob("*.jsonl"))
     assert names == sorted(p.name for p in (straight / stage).glob("*.jsonl")) and len(names) >= 6
     for name in names:

@@ -146,7 +146,8 @@ def ppo_step(cfg: Config, base: SharedBase, prompts: list[str], stats: dict, kl_
     """One rollout and its updates. Returns the step's metrics."""
     pc, g = cfg.ppo, cfg.generation
     # 1. Rollout: sample with the current policy (pure sampling, so log-prob ratios are exact).
-    ro = rollout.sample(base, "policy", prompts, pc.max_new_tokens, pc.temperature, g.max_prompt_tokens)
+    ro = rollout.sample(base, "policy", prompts, pc.max_new_tokens, pc.temperature, g.max_prompt_tokens,
+                        pc.rollout_batch_size)
     mask = ro.mask  # (B, T)
     with torch.no_grad():
         # 2. Old log-probs (policy) and the anchor (reference), same forward, two adapters.
