@@ -7,8 +7,10 @@ stages' prompt lists, evaluate.eval_prompts), and their tokens as rendered and p
 (from up to SAMPLE of each kind, tokenized by the base's tokenizer; text a stage generates counts
 at the length the probe's answers had). Work comes in three kinds, each priced by a line the probe
 fitted:
-  - sample: seconds = steps x (step_s + rows in flight x row_step_s) + prompt tokens x fwd_token_s,
-    where a batch runs max_new_tokens decode steps, or fewer where the probe's answers ended sooner;
+  - sample: seconds = forwards x step_s + rows in flight summed over them x row_step_s + prompt
+    tokens x fwd_token_s. Our loop (decode.py) refills finished rows: `batch` rows in flight, each for
+    its answer's length (where the probe's answers ended), plus a tail per call for its longest rows;
+    transformers' fixed batches (TRL's RLOO) run each batch until its longest answer ends;
   - forward (no gradients: judges, reward scores, log-probs): batches x fwd_s + tokens x fwd_token_s,
     times `bare` on the base without an adapter (a judge with judge.adapter=none);
   - train (forward + backward + optimizer): batches x train_s + tokens x train_token_s, times `trl`
@@ -52,6 +54,9 @@ class Work:
     rows: int  # sequences
     tokens: int  # prompt tokens (sample) or all tokens (forward, train), padding included
     new_tokens: int = 0  # sample: max_new_tokens
+    calls: int = 0  # sample: calls of the sampling loop (each ends with a tail of its longest rows)
+    slots: int = 1  # sample: rows in flight at once
+    fixed_batches: bool = False  # sample: by transformers' generate in fixed batches (TRL's RLOO), not our loop
     bare: bool = False  # forward: on the base without an adapter
     trl: bool = False  # train: in a TRL trainer's loop (sft, dpo, rloo)
 
@@ -67,14 +72,21 @@ class Rates:
     train_s: float
     train_token_s: float
     ends_at: float | None  # decode steps a full batch ran where its answers all ended early; None: to the cap
+    row_tokens: float | None = None  # mean tokens of an answer that ended early; None: to the cap
     bare: float = 1.0  # a forward without an adapter over one with the probe's adapter
     trl: float = 1.0  # a step of TRL's SFTTrainer over a plain step of the same tokens
 
 
 def seconds(w: Work, r: Rates) -> float:
     if w.kind == "sample":
-        steps = w.new_tokens if r.ends_at is None else min(w.new_tokens, r.ends_at)
-        return steps * (w.batches * r.step_s + w.rows * r.row_step_s) + w.tokens * r.fwd_token_s
+        end = w.new_tokens if r.ends_at is None else min(w.new_tokens, r.ends_at)  # the longest answer
+        if not w.fixed_batches:
+            mean = w.new_tokens if r.row_tokens is None else min(w.new_tokens, r.row_tokens)
+            forwards = max(w.calls * end, w.rows * mean / w.slots + w.calls * (end - mean))
+            in_flight = w.rows * mean  # a finished row leaves; a waiting one takes its slot
+        else:
+            forwards, in_flight = w.batches * end, w.rows * end  # a batch runs until its longest row ends
+        return forwards * r.step_s + in_flight * r.row_step_s + w.tokens * r.fwd_token_s
     if w.kind == "forward":
         return (w.batches * r.fwd_s + w.tokens * r.fwd_token_s) * (r.bare if w.bare else 1.0)
     return (w.batches * r.train_s + w.tokens * r.train_token_s) * (r.trl if w.trl else 1.0)
@@ -119,8 +131,9 @@ class Lengths:
 
 def sample(what: str, calls: list[int], batch: int, prompt_tokens: float, new_tokens: int) -> Work:
     """Generation over calls of `calls[i]` rows each, `batch` rows at a time."""
+    calls = [n for n in calls if n]
     return Work(what, "sample", sum(math.ceil(n / batch) for n in calls), sum(calls), round(sum(calls) * prompt_tokens),
-                new_tokens)
+                new_tokens, calls=len(calls), slots=batch)
 
 
 def passes(what: str, kind: str, rows: int, batch: int, tokens: float, trl: bool = False) -> Work:
@@ -259,7 +272,9 @@ def _rloo(cfg: Config, L: Lengths) -> list[Work]:
     full = L.chat(prompts, batch=n) + L.new(rc.max_new_tokens)
     # TRL samples a step's completions in one batch, then the reference's log-probs and the reward
     # (forward), and trains the policy on them.
-    return [sample("rollouts", [n] * rc.steps, n, L.chat(prompts, batch=n), rc.max_new_tokens),
+    rollouts = sample("rollouts", [n] * rc.steps, n, L.chat(prompts, batch=n), rc.max_new_tokens)
+    rollouts.fixed_batches = True
+    return [rollouts,
             Work("reference log-probs, scores", "forward", rc.steps * (1 + math.ceil(n / g.batch_size)),
                  2 * n * rc.steps, round(2 * n * rc.steps * full)),
             passes("policy updates", "train", n * rc.steps, n, full, trl=True)]
@@ -314,8 +329,8 @@ def rate_lines(r: Rates, batch: int, max_new_tokens: int, row_tokens: float | No
     tokens_s = batch / (r.step_s + batch * r.row_step_s) if r.step_s + r.row_step_s else float("inf")
     fwd = 1 / r.fwd_token_s if r.fwd_token_s else float("inf")
     train = 1 / r.train_token_s if r.train_token_s else float("inf")
-    ended = (f"batches ended after {r.ends_at:.0f} of {max_new_tokens} steps, answers {row_tokens:.0f} tokens"
-             if r.ends_at is not None else f"answers ran to max_new_tokens={max_new_tokens}")
+    ended = (f"answers {row_tokens:.0f} tokens, the longest {r.ends_at or max_new_tokens:.0f} of {max_new_tokens}"
+             if row_tokens is not None else f"answers ran to max_new_tokens={max_new_tokens}")
     return [f"  sampling  {r.step_s * 1e3:8.2f} ms a step + {r.row_step_s * 1e3:7.3f} ms a row  "
             f"({tokens_s:,.0f} tokens/s at {batch} rows); {ended}",
             f"  forward   {r.fwd_s * 1e3:8.2f} ms a batch + {r.fwd_token_s * 1e6:7.2f} us a token  "

@@ -64,13 +64,11 @@ def _prompts(cfg: Config, tok, n: int) -> list[str]:
     return [texts[i % len(texts)] for i in range(n)]
 
 
-def _steps(g: generation.Generated, tok, max_new: int) -> tuple[int, float]:
-    """Decode steps the batch ran, and its rows' mean generated tokens (EOS included)."""
-    new = getattr(g, "new_tokens", None)  # the sampling loop's own count, where it gives one
-    if new is None:
-        new = [min(max_new, len(tok(t, add_special_tokens=False)["input_ids"]) + e) if e else max_new
-               for t, e in zip(g.texts, g.ended)]
-    return max(new), sum(new) / len(new)
+def _counts(out: generation.Generated) -> tuple[int, int, int, int, float]:
+    """What a sampling call computed, by the loop's own count (decode.Stats): forwards, rows in flight
+    summed over them, prompt positions prefilled, and the longest and the mean answer (EOS included)."""
+    st, new = out.stats, out.new_tokens
+    return st.forwards, st.decode, st.prefill, max(new), sum(new) / len(new)
 
 
 def measure(cfg: Config) -> Probe:
@@ -101,18 +99,20 @@ def measure(cfg: Config) -> Probe:
     fwd_s, fwd_token_s = _line(t1, f1, t2, f2)
     bare = forward(cfg.judge.batch_size, None)[0] / f1  # a judge without an adapter skips every LoRA layer
 
-    def sample(rows: int) -> tuple[float, int, float]:
+    def sample(rows: int) -> tuple[float, tuple]:
         begin = time.perf_counter()
         out = generation.generate(base, rendered[:rows], "probe", g, desc="probe")
-        s = time.perf_counter() - begin
-        steps, mean = _steps(out, tok, g.max_new_tokens)
-        enc, _ = generation.tokenize_left(base, rendered[:rows], g.max_prompt_tokens)
-        return s - enc["attention_mask"].numel() * fwd_token_s, steps, mean
+        return time.perf_counter() - begin, _counts(out)
 
     generation.generate(base, rendered[:2], "probe", g, max_new_tokens=2, desc="probe")  # warm-up
-    s1, steps1, mean1 = sample(full)  # once each: a full batch on a 7B model takes a while
-    s2, steps2, _ = sample(part)
-    step_s, row_step_s = _line(full, s1 / steps1, part, s2 / steps2)
+    s1, (fw1, fl1, pre1, longest, mean1) = sample(full)  # once each: a full batch on a 7B model takes a while
+    s2, (fw2, fl2, pre2, _, _) = sample(part)
+    # seconds - prefill = forwards x step_s + rows in flight x row_step_s, at both sizes: two equations.
+    u1, u2 = s1 - pre1 * fwd_token_s, s2 - pre2 * fwd_token_s
+    det = fw1 * fl2 - fw2 * fl1
+    step_s, row_step_s = ((u1 * fl2 - u2 * fl1) / det, (fw1 * u2 - fw2 * u1) / det) if det else (0.0, u1 / fl1)
+    if step_s < 0 or row_step_s < 0:  # noise tilted the line: all of it per row, or all per forward
+        step_s, row_step_s = (0.0, u1 / fl1) if row_step_s > 0 else (u1 / fw1, 0.0)
 
     seqs = [r + " " + " ".join(["word"] * (g.max_new_tokens // 2)) for r in rendered]  # an answer's worth more
 
@@ -135,11 +135,11 @@ def measure(cfg: Config) -> Probe:
                                  " ".join(["word"] * (g.max_new_tokens // 2)))
     trl = step / (train_s + tokens * train_token_s)
     models.delete_adapter(base, "probe")
-    ended = steps1 < g.max_new_tokens
-    rates = Rates(step_s, row_step_s, fwd_s, fwd_token_s, train_s, train_token_s, steps1 if ended else None, bare,
-                  trl)
-    return Probe(rates, mean1 if ended else None, g.max_new_tokens, full, load_s, time.perf_counter() - start, tok,
-                 str(base.device))
+    ended = longest < g.max_new_tokens
+    rates = Rates(step_s, row_step_s, fwd_s, fwd_token_s, train_s, train_token_s, longest if ended else None,
+                  mean1 if mean1 < g.max_new_tokens else None, bare=bare, trl=trl)
+    return Probe(rates, mean1 if mean1 < g.max_new_tokens else None, g.max_new_tokens, full, load_s,
+                 time.perf_counter() - start, tok, str(base.device))
 
 
 def _trainer_step(cfg: Config, base: models.SharedBase, prompts: list[str], answer: str) -> tuple[float, float]:

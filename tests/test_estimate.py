@@ -20,13 +20,23 @@ RATES = Rates(step_s=0.01, row_step_s=0.001, fwd_s=0.002, fwd_token_s=1e-5, trai
 
 
 def test_seconds_are_counts_at_the_rates():
-    answers = Work("answers", "sample", batches=3, rows=40, tokens=1000, new_tokens=24)
-    # 24 steps, each 3 batches x 10 ms + 40 rows x 1 ms; 1,000 prompt tokens at 10 us.
-    assert estimate.seconds(answers, RATES) == pytest.approx(24 * (0.03 + 0.04) + 0.01)
-    # Batches that end after 10 steps run 10, and a cap below that stays the cap.
-    early = Rates(**{**vars(RATES), "ends_at": 10.0})
-    assert estimate.seconds(answers, early) == pytest.approx(10 * 0.07 + 0.01)
-    assert estimate.seconds(Work("a", "sample", 3, 40, 1000, new_tokens=8), early) == pytest.approx(8 * 0.07 + 0.01)
+    # Our loop (decode.py) over two calls of 40 rows in all, 16 slots, answers that run to the cap of 24:
+    # max(2 x 24, 40 x 24 / 16 + 0) = 60 forwards at 10 ms, 40 x 24 rows in flight at 1 ms, and
+    # 1,000 prompt tokens at 10 us.
+    answers = Work("answers", "sample", batches=3, rows=40, tokens=1000, new_tokens=24, calls=2, slots=16)
+    assert estimate.seconds(answers, RATES) == pytest.approx(60 * 0.01 + 960 * 0.001 + 0.01)
+    # Where the probe's answers were 6 tokens on average and its longest 10: max(2 x 10, 40 x 6 / 16
+    # + 2 x (10 - 6)) = 23 forwards (each call ends with a tail of its longest rows), 40 x 6 rows in flight.
+    early = Rates(**{**vars(RATES), "ends_at": 10.0, "row_tokens": 6.0})
+    assert estimate.seconds(answers, early) == pytest.approx(23 * 0.01 + 240 * 0.001 + 0.01)
+    # A max_new_tokens below both caps them.
+    short = Work("answers", "sample", batches=3, rows=40, tokens=1000, new_tokens=4, calls=2, slots=16)
+    assert estimate.seconds(short, early) == pytest.approx(max(2 * 4, 40 * 4 / 16) * 0.01 + 160 * 0.001 + 0.01)
+    # transformers' fixed batches (TRL's RLOO): each of the 3 batches runs until its longest row ends,
+    # all 40 rows in flight throughout.
+    answers.fixed_batches = True
+    assert estimate.seconds(answers, RATES) == pytest.approx(3 * 24 * 0.01 + 40 * 24 * 0.001 + 0.01)
+    assert estimate.seconds(answers, early) == pytest.approx(3 * 10 * 0.01 + 40 * 10 * 0.001 + 0.01)
     judge = Work("judge prompts", "forward", batches=5, rows=50, tokens=10_000)
     assert estimate.seconds(judge, RATES) == pytest.approx(5 * 0.002 + 0.1)
     bare = Work("judge prompts", "forward", batches=5, rows=50, tokens=10_000, bare=True)
@@ -57,7 +67,9 @@ def test_the_counts_of_a_small_recipe(tmp_path, tiny_llama):
     # critique_revise: 16 red-team + 8 helpful prompts in shards of 8: three answer calls of 8 rows; the two
     # red-team shards' 8 rows get a critique and a revision in each of 2 rounds.
     answers = get("critique_revise", "answers")
-    assert (answers.rows, answers.batches, answers.new_tokens) == (24, 3, 24)
+    assert (answers.rows, answers.batches, answers.new_tokens, answers.calls, answers.slots) == (24, 3, 24, 3, 16)
+    # The helpful shard has no red-team rows to critique: no call for it.
+    assert get("critique_revise", "critiques").calls == 2 * 2 and get("rloo", "rollouts").fixed_batches
     assert (get("critique_revise", "critiques").rows, get("critique_revise", "critiques").batches) == (32, 4)
     train = data.prompt_split(cfg).train
     rendered = [data.render(tok, [{"role": "user", "content": p.text}]) for p in train] + \
