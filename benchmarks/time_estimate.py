@@ -37,7 +37,7 @@ if not Path(cfg.base.model).is_dir():  # as the run builds it, so that the probe
         pretrain.build_lab_model(cfg.base.model, cfg.seed, stage_plan.LAB_SIZES[cfg.base.create])
 work, p = probe.timed_work(cfg)
 print(json.dumps({"stages": {s: estimate.stage_seconds(s, w, p.rates) for s, w in work.items()},
-                  "probe_s": p.seconds, "load_s": p.load_s, "rates": vars(p.rates), "row_tokens": p.row_tokens}))
+                  "probe_s": p.seconds, "load_s": p.load_s, "rates": vars(p.rates), "answers": p.answers}))
 """
 
 

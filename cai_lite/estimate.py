@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from dataclasses import dataclass
 
 from cai_lite import constitution as C
@@ -105,28 +106,40 @@ def padded(lengths: list[float], batch: int) -> float:
 
 
 class Lengths:
-    """Token lengths of rendered prompts, as generation.tokenize_left cuts and pads them."""
+    """Token lengths of rendered prompts, as generation.tokenize_left cuts and pads them, with the text
+    a stage generated into them drawn from the lengths of the probe's answers."""
 
-    def __init__(self, tokenizer, max_prompt_tokens: int, row_tokens: float | None):
+    def __init__(self, tokenizer, max_prompt_tokens: int, answers: list[int] | None):
         self.tok, self.cap = tokenizer, max_prompt_tokens
-        self.row_tokens = row_tokens  # tokens of a generated text that ends early; None: it runs to the cap
+        self.answers = answers  # tokens of each probe answer; None: every answer runs to its max_new_tokens
 
-    def mean(self, texts: list[str], generated: float = 0.0, cap: int | None = None, batch: int = 1) -> float:
-        """Tokens per row of `texts` (a sample of them) with `generated` tokens of text a stage wrote into
-        each, cut at `cap` (generation.max_prompt_tokens unless given), padded as a batch of `batch`
-        random rows is: to its longest row, E[max of `batch` draws] (1: the mean)."""
+    def mean(self, texts: list[str], answers: int = 0, max_new: int = 0, cap: int | None = None,
+             batch: int = 1) -> float:
+        """Tokens per row of `texts` (a sample of them), each holding `answers` generated texts of at
+        most `max_new` tokens, cut at `cap` (generation.max_prompt_tokens unless given), padded as a batch
+        of `batch` random rows is: to its longest row, E[max of `batch` draws] (1: the mean). Answer
+        lengths vary, so each text is drawn with several of them: the longest row of a batch is often
+        the one with the longest answer."""
         texts = texts[:SAMPLE]
         if not texts:
             return 0.0
+        rng = random.Random(0)
         ids = self.tok(texts, add_special_tokens=False)["input_ids"]
-        return padded([min(len(i) + generated, cap or self.cap) for i in ids], batch)
+        draws = 4 if answers and self.answers else 1
+        return padded([min(len(i) + sum(self._answer(rng, max_new) for _ in range(answers)), cap or self.cap)
+                       for i in ids for _ in range(draws)], batch)
 
-    def chat(self, prompts: list[str], generated: float = 0.0, batch: int = 1, cap: int | None = None) -> float:
+    def chat(self, prompts: list[str], answers: int = 0, max_new: int = 0, batch: int = 1,
+             cap: int | None = None) -> float:
         rendered = [data.render(self.tok, [{"role": "user", "content": p}]) for p in prompts[:SAMPLE]]
-        return self.mean(rendered, generated, cap, batch)
+        return self.mean(rendered, answers, max_new, cap, batch)
 
-    def new(self, max_new_tokens: int) -> float:
-        return max_new_tokens if self.row_tokens is None else min(max_new_tokens, self.row_tokens)
+    def _answer(self, rng: random.Random, max_new: int) -> int:
+        return min(max_new, rng.choice(self.answers)) if self.answers else max_new
+
+    def new(self, max_new: int, batch: int = 1) -> float:
+        """Tokens of a generated text, or of the longest of `batch` of them (a right-padded batch)."""
+        return padded([min(max_new, a) for a in self.answers], batch) if self.answers else max_new
 
 
 def sample(what: str, calls: list[int], batch: int, prompt_tokens: float, new_tokens: int) -> Work:
@@ -141,10 +154,10 @@ def passes(what: str, kind: str, rows: int, batch: int, tokens: float, trl: bool
     return Work(what, kind, math.ceil(rows / batch) if rows else 0, rows, round(rows * tokens), trl=trl)
 
 
-def count(cfg: Config, tokenizer, row_tokens: float | None = None) -> dict[str, list[Work]]:
-    """The work of every selected stage. `row_tokens`: the length of a generated text where the probe's
-    answers ended early; None: every text is as long as its max_new_tokens allows."""
-    L = Lengths(tokenizer, cfg.generation.max_prompt_tokens, row_tokens)
+def count(cfg: Config, tokenizer, answers: list[int] | None = None) -> dict[str, list[Work]]:
+    """The work of every selected stage. `answers`: the tokens of each answer the probe sampled; None:
+    every generated text is as long as its max_new_tokens allows."""
+    L = Lengths(tokenizer, cfg.generation.max_prompt_tokens, answers)
     out: dict[str, list[Work]] = {}
     for stage in cfg.stages:
         fn = globals().get(f"_{stage}")
@@ -158,7 +171,7 @@ def _critique_revise(cfg: Config, L: Lengths) -> list[Work]:
     train = data.prompt_split(cfg).train
     helpful = data.read_optional(cr.helpful_prompts, cr.helpful_limit, cfg.data.max_prompt_chars)
     shards = data.chunks([("harmless", p) for p in train] + [("helpful", p) for p in helpful], cr.shard_size)
-    answer, b = L.new(g.max_new_tokens), g.batch_size
+    b, t = g.batch_size, g.max_new_tokens
     critique, revision = [], []
     for p in train[:SAMPLE]:  # the principles each row draws, as the stage draws them
         rng = C.rng_for(cfg.seed, p.id)
@@ -169,8 +182,8 @@ def _critique_revise(cfg: Config, L: Lengths) -> list[Work]:
     harmless = [sum(k == "harmless" for k, _ in s) for s in shards]
     return [sample("answers", [len(s) for s in shards], b, L.chat([p.text for p in train + helpful], batch=b),
                    g.max_new_tokens),
-            sample("critiques", harmless * cr.rounds, b, L.mean(critique, answer, batch=b), g.max_new_tokens),
-            sample("revisions", harmless * cr.rounds, b, L.mean(revision, 2 * answer, batch=b), g.max_new_tokens)]
+            sample("critiques", harmless * cr.rounds, b, L.mean(critique, 1, t, batch=b), t),
+            sample("revisions", harmless * cr.rounds, b, L.mean(revision, 2, t, batch=b), t)]
 
 
 def _sft(cfg: Config, L: Lengths) -> list[Work]:
@@ -182,7 +195,7 @@ def _sft(cfg: Config, L: Lengths) -> list[Work]:
     rows += helpful[: min(len(helpful), int(round(s.helpful_mix * len(train))))]
     steps = s.max_steps if s.max_steps > 0 else math.ceil(len(rows) / (s.batch_size * s.grad_accum)) * s.epochs
     micro = math.ceil(steps * s.grad_accum)
-    tokens = L.chat(rows, L.new(cfg.generation.max_new_tokens), s.batch_size, s.max_seq_len)
+    tokens = L.chat(rows, 1, cfg.generation.max_new_tokens, s.batch_size, s.max_seq_len)
     return [passes("sft steps", "train", micro * s.batch_size, s.batch_size, tokens, trl=True)]
 
 
@@ -194,12 +207,12 @@ def _label_prompts(cfg: Config) -> list[tuple[str, str]]:
     return [("harmless", p.text) for p in red] + [("helpful", p.text) for p in helpful]
 
 
-def _judge_tokens(L: Lengths, conversations: list[str], principles: list[str], demos: tuple, answer: float,
+def _judge_tokens(L: Lengths, conversations: list[str], principles: list[str], demos: tuple, max_new: int,
                   batch: int) -> float:
-    """Tokens of a comparison prompt (two responses of `answer` tokens), padded in a batch of `batch`."""
+    """Tokens of a comparison prompt (two responses of at most `max_new` tokens), padded in a batch of `batch`."""
     texts = [data.render(L.tok, C.comparison_messages(data.conversation_text(c), pr, "", "", demos),
                          C.COMPARISON_PREFILL) for c, pr in zip(conversations, itertools.cycle(principles))]
-    return L.mean(texts, 2 * answer, batch=batch)
+    return L.mean(texts, 2, max_new, batch=batch)
 
 
 def _label_preferences(cfg: Config, L: Lengths) -> list[Work]:
@@ -217,7 +230,7 @@ def _label_preferences(cfg: Config, L: Lengths) -> list[Work]:
         if jc.backend != "local":
             continue  # a llama.cpp or server judge runs elsewhere, at its own speed: not estimated
         tokens = _judge_tokens(L, [t for _, t in items], [p.text for p in const.preference],
-                               const.preference_demos[: lp.few_shot], L.new(g.max_new_tokens), jc.batch_size)
+                               const.preference_demos[: lp.few_shot], g.max_new_tokens, jc.batch_size)
         if lp.cot:
             work.append(sample("judge reasoning", per_shard, g.batch_size, tokens, lp.cot_max_new_tokens))
             tokens += L.new(lp.cot_max_new_tokens)
@@ -234,7 +247,7 @@ def _pairs(cfg: Config) -> int:
 
 def _pair_tokens(cfg: Config, L: Lengths, batch: int, cap: int) -> float:
     """Tokens of a prompt and one labelled response, padded in a batch of `batch`."""
-    return L.chat([t for _, t in _label_prompts(cfg)], L.new(cfg.generation.max_new_tokens), batch, cap)
+    return L.chat([t for _, t in _label_prompts(cfg)], 1, cfg.generation.max_new_tokens, batch, cap)
 
 
 def _reward_model(cfg: Config, L: Lengths) -> list[Work]:
@@ -253,7 +266,7 @@ def _ppo(cfg: Config, L: Lengths) -> list[Work]:
     rows, mb = pc.steps * pc.batch_size, pc.minibatch_size
     rollout = pc.rollout_batch_size if isinstance(pc.rollout_batch_size, int) else pc.batch_size
     # A rollout's tensors are as wide as its longest prompt and response: every pass over it is.
-    full = L.chat(prompts, batch=pc.batch_size) + L.new(pc.max_new_tokens)
+    full = L.chat(prompts, batch=pc.batch_size) + L.new(pc.max_new_tokens, pc.batch_size)
     updates = pc.steps * pc.ppo_epochs * math.ceil(pc.batch_size / mb)
     return [sample("rollouts", [pc.batch_size] * pc.steps, rollout, L.chat(prompts, batch=rollout), pc.max_new_tokens),
             # Per step: old and reference log-probs and reward scores a minibatch at a time, values at once.
@@ -269,7 +282,7 @@ def _rloo(cfg: Config, L: Lengths) -> list[Work]:
     prompts = [p.text for p in red + data.read_optional(rc.helpful_prompts, rc.helpful_limit,
                                                          cfg.data.max_prompt_chars)]
     n = rc.batch_size * rc.num_samples
-    full = L.chat(prompts, batch=n) + L.new(rc.max_new_tokens)
+    full = L.chat(prompts, batch=n) + L.new(rc.max_new_tokens, n)
     # TRL samples a step's completions in one batch, then the reference's log-probs and the reward
     # (forward), and trains the policy on them.
     rollouts = sample("rollouts", [n] * rc.steps, n, L.chat(prompts, batch=n), rc.max_new_tokens)
@@ -296,7 +309,7 @@ def _evaluate(cfg: Config, L: Lengths) -> list[Work]:
     models = 1 + sum(s in cfg.stages or rundir.is_done(cfg.path, s) for s in evaluate.CANDIDATES)
     sft = "sft" in cfg.stages or rundir.is_done(cfg.path, "sft")
     pairs = (models - 1) + max(0, models - 2) * sft  # each model against base, and each RL model against sft
-    answer = L.new(ev.max_new_tokens)
+    t = ev.max_new_tokens
     reds, helps = [p.text for p in red], [p.text for p in helpful]
     work = [sample("answers", [len(reds), len(helps)] * models, g.batch_size, L.chat(reds + helps, batch=g.batch_size),
                    ev.max_new_tokens)]
@@ -308,29 +321,29 @@ def _evaluate(cfg: Config, L: Lengths) -> list[Work]:
                                            ("helpful", helps, 1, [C.HELPFUL_PRINCIPLE.text])):
             n = len(texts) * k * 2  # both orders
             work.append(Work(f"win-rate prompts ({what})", "forward", pairs * math.ceil(n / b), pairs * n,
-                             round(pairs * n * _judge_tokens(L, texts, principles, (), answer, b)), bare=bare))
+                             round(pairs * n * _judge_tokens(L, texts, principles, (), t, b)), bare=bare))
         for texts, questions in ((reds, 2), (helps, 1)):  # harmful + evasive on red-team answers, evasive on helpful
             convs = [data.conversation_text(t, "") for t in texts]
             tokens = L.mean([data.render(L.tok, C.classification_messages(c, C.EVASIVE_Q, ["Yes", "No"]),
-                                         C.COMPARISON_PREFILL) for c in convs], answer, batch=b)
+                                         C.COMPARISON_PREFILL) for c in convs], 1, t, batch=b)
             n = 2 * questions * models  # both orders
             work.append(Work("rate questions", "forward", n * math.ceil(len(texts) / b), n * len(texts),
                              round(n * len(texts) * tokens), bare=bare))
     if "reward_model" in cfg.stages or rundir.is_done(cfg.path, "reward_model"):
         work.append(passes("reward scores", "forward", models * (len(reds) + len(helps)), g.batch_size,
-                           L.chat(reds + helps, answer, g.batch_size)))
+                           L.chat(reds + helps, 1, t, g.batch_size)))
     return work
 
 
 # ---- the table -----------------------------------------------------------------------------------
 
-def rate_lines(r: Rates, batch: int, max_new_tokens: int, row_tokens: float | None) -> list[str]:
+def rate_lines(r: Rates, batch: int, max_new_tokens: int) -> list[str]:
     """The probe's numbers, so that a reader can judge them."""
     tokens_s = batch / (r.step_s + batch * r.row_step_s) if r.step_s + r.row_step_s else float("inf")
     fwd = 1 / r.fwd_token_s if r.fwd_token_s else float("inf")
     train = 1 / r.train_token_s if r.train_token_s else float("inf")
-    ended = (f"answers {row_tokens:.0f} tokens, the longest {r.ends_at or max_new_tokens:.0f} of {max_new_tokens}"
-             if row_tokens is not None else f"answers ran to max_new_tokens={max_new_tokens}")
+    ended = (f"answers {r.row_tokens:.0f} tokens, the longest {r.ends_at or max_new_tokens:.0f} of {max_new_tokens}"
+             if r.row_tokens is not None else f"answers ran to max_new_tokens={max_new_tokens}")
     return [f"  sampling  {r.step_s * 1e3:8.2f} ms a step + {r.row_step_s * 1e3:7.3f} ms a row  "
             f"({tokens_s:,.0f} tokens/s at {batch} rows); {ended}",
             f"  forward   {r.fwd_s * 1e3:8.2f} ms a batch + {r.fwd_token_s * 1e6:7.2f} us a token  "

@@ -6,7 +6,7 @@ cost per batch plus a cost per row or token) can be fitted:
   - a no-gradient forward (judges, reward scores, log-probs) on judge-length prompts, at
     judge.batch_size rows and at a quarter of them, and without the adapter at judge.batch_size;
   - a training step (forward, backward, AdamW) of the adapter at sft.batch_size rows and at one, and
-    five steps of TRL's SFTTrainer (as the sft stage builds it) at sft.batch_size rows.
+    six steps of TRL's SFTTrainer (as the sft stage builds it, logging included) at sft.batch_size rows.
 The forward and the training step run once to warm up, then twice, and the mean is kept.
 
 Reads base.model and the prompt files; writes nothing. A few seconds on the tiny and lab recipes on
@@ -27,7 +27,7 @@ import torch
 from transformers import AutoTokenizer
 
 from cai_lite import constitution as C
-from cai_lite import data, estimate, generation, models, pipeline, planner, tracking
+from cai_lite import checkpoint, data, estimate, generation, models, pipeline, planner, tracking
 from cai_lite.config import Config, trl_args
 from cai_lite.estimate import Rates
 
@@ -35,7 +35,7 @@ from cai_lite.estimate import Rates
 @dataclass
 class Probe:
     rates: Rates
-    row_tokens: float | None  # mean tokens of an answer that ended before max_new_tokens; None: answers ran to it
+    answers: list[int]  # tokens of each answer of the full sampling batch (EOS included)
     max_new_tokens: int
     batch: int  # rows of the full sampling batch
     load_s: float  # loading the base
@@ -64,11 +64,11 @@ def _prompts(cfg: Config, tok, n: int) -> list[str]:
     return [texts[i % len(texts)] for i in range(n)]
 
 
-def _counts(out: generation.Generated) -> tuple[int, int, int, int, float]:
+def _counts(out: generation.Generated) -> tuple[int, int, int, list[int]]:
     """What a sampling call computed, by the loop's own count (decode.Stats): forwards, rows in flight
-    summed over them, prompt positions prefilled, and the longest and the mean answer (EOS included)."""
-    st, new = out.stats, out.new_tokens
-    return st.forwards, st.decode, st.prefill, max(new), sum(new) / len(new)
+    summed over them, prompt positions prefilled, and each answer's tokens (EOS included)."""
+    st = out.stats
+    return st.forwards, st.decode, st.prefill, out.new_tokens
 
 
 def measure(cfg: Config) -> Probe:
@@ -105,8 +105,8 @@ def measure(cfg: Config) -> Probe:
         return time.perf_counter() - begin, _counts(out)
 
     generation.generate(base, rendered[:2], "probe", g, max_new_tokens=2, desc="probe")  # warm-up
-    s1, (fw1, fl1, pre1, longest, mean1) = sample(full)  # once each: a full batch on a 7B model takes a while
-    s2, (fw2, fl2, pre2, _, _) = sample(part)
+    s1, (fw1, fl1, pre1, answers) = sample(full)  # once each: a full batch on a 7B model takes a while
+    s2, (fw2, fl2, pre2, _) = sample(part)
     # seconds - prefill = forwards x step_s + rows in flight x row_step_s, at both sizes: two equations.
     u1, u2 = s1 - pre1 * fwd_token_s, s2 - pre2 * fwd_token_s
     det = fw1 * fl2 - fw2 * fl1
@@ -131,46 +131,51 @@ def measure(cfg: Config) -> Probe:
 
     (r1, n1), (r2, n2) = train(min(cfg.sft.batch_size, full)), train(1)
     train_s, train_token_s = _line(n1, r1, n2, r2)
-    step, tokens = _trainer_step(cfg, base, _prompts(cfg, tok, 6 * cfg.sft.batch_size),
+    step, tokens = _trainer_step(cfg, base, _prompts(cfg, tok, 7 * cfg.sft.batch_size),
                                  " ".join(["word"] * (g.max_new_tokens // 2)))
     trl = step / (train_s + tokens * train_token_s)
     models.delete_adapter(base, "probe")
-    ended = longest < g.max_new_tokens
-    rates = Rates(step_s, row_step_s, fwd_s, fwd_token_s, train_s, train_token_s, longest if ended else None,
-                  mean1 if mean1 < g.max_new_tokens else None, bare=bare, trl=trl)
-    return Probe(rates, mean1 if mean1 < g.max_new_tokens else None, g.max_new_tokens, full, load_s,
-                 time.perf_counter() - start, tok, str(base.device))
+    longest, mean = max(answers), sum(answers) / len(answers)
+    rates = Rates(step_s, row_step_s, fwd_s, fwd_token_s, train_s, train_token_s,
+                  longest if longest < g.max_new_tokens else None, mean if mean < g.max_new_tokens else None,
+                  bare=bare, trl=trl)
+    return Probe(rates, answers, g.max_new_tokens, full, load_s, time.perf_counter() - start, tok, str(base.device))
 
 
 def _trainer_step(cfg: Config, base: models.SharedBase, prompts: list[str], answer: str) -> tuple[float, float]:
-    """Seconds of one step of TRL's SFTTrainer as the sft stage builds it (sft.batch_size rows), after
-    its first, and the padded tokens of such a step."""
+    """Seconds from one step of TRL's SFTTrainer to the next (its metrics, logging and the next batch
+    included) as the sft stage builds it, at sft.batch_size rows, after the first; and the padded
+    tokens of such a step. TensorBoard logs, where report_to has it, go to a temporary folder; the
+    other trackers are left out (they would start runs of their own)."""
     from datasets import Dataset
+    from torch.utils.tensorboard import SummaryWriter
     from transformers import TrainerCallback
+    from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig, SFTTrainer
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.seconds: list[float] = []
+            self.begins: list[float] = []
 
         def on_step_begin(self, *args, **kwargs):
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, *args, **kwargs):
-            self.seconds.append(time.perf_counter() - self.begin)
+            self.begins.append(time.perf_counter())
 
     rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": answer}]}
             for p in prompts]
     clock, b = Clock(), cfg.sft.batch_size
     with tempfile.TemporaryDirectory() as tmp, models.role(base, "probe", trainable=True) as model:
-        args = SFTConfig(**trl_args(cfg, base.device.type, Path(tmp)), per_device_train_batch_size=b, max_steps=5,
+        args = SFTConfig(**trl_args(cfg, base.device.type, Path(tmp)), per_device_train_batch_size=b, max_steps=6,
                          learning_rate=1e-9, max_length=cfg.sft.max_seq_len, completion_only_loss=True)
+        logs = [checkpoint.JsonlLog(Path(tmp) / "train_log.jsonl"), clock]
+        if "tensorboard" in cfg.report_to:
+            logs.append(TensorBoardCallback(SummaryWriter(str(Path(tmp) / "tensorboard"))))
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=base.tokenizer, callbacks=[clock])
+                             processing_class=base.tokenizer, callbacks=logs)
         tracking.quiet(trainer, "probe").train()
         lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
     base.model.eval()
-    return sum(clock.seconds[1:]) / len(clock.seconds[1:]), b * estimate.padded(lengths, b)
+    gaps = [b2 - b1 for b1, b2 in zip(clock.begins[1:], clock.begins[2:])]  # steps 2..6
+    return sum(gaps) / len(gaps), b * estimate.padded(lengths, b)
 
 
 def timed_work(cfg: Config) -> tuple[dict[str, list[estimate.Work]], Probe]:
@@ -178,7 +183,7 @@ def timed_work(cfg: Config) -> tuple[dict[str, list[estimate.Work]], Probe]:
     that prices it (estimate.stage_seconds)."""
     cfg = pipeline.resolve_auto(cfg)
     p = measure(cfg)
-    return estimate.count(cfg, p.tokenizer, p.row_tokens), p
+    return estimate.count(cfg, p.tokenizer, p.answers), p
 
 
 def report(cfg: Config) -> str:
@@ -202,6 +207,6 @@ def report(cfg: Config) -> str:
     work, p = timed_work(cfg)
     lines, total = estimate.table(work, p.rates)
     return "\n".join([f"time estimate on {p.device} (base.device={cfg.base.device}), from a {p.seconds:.1f} s probe "
-                      "that measured:", *estimate.rate_lines(p.rates, p.batch, p.max_new_tokens, p.row_tokens), *lines,
+                      "that measured:", *estimate.rate_lines(p.rates, p.batch, p.max_new_tokens), *lines,
                       f"seconds = each stage's counts at the rates above, plus its fixed set-up (estimate.FIXED); "
                       f"loading the base ({p.load_s:.1f} s) comes once on top. Total {total / 60:.1f} minutes."])

@@ -109,9 +109,22 @@ def test_the_counts_of_a_small_recipe(tmp_path, tiny_llama):
     assert critique.tokens == 32 * cfg.generation.max_prompt_tokens
     # Where the probe's answers end early, every generated text it counts is shorter: a judge prompt
     # holds two answers, 24 -> 5 tokens each.
-    shorter = estimate.count(cfg, tok, row_tokens=5.0)
+    shorter = estimate.count(cfg, tok, answers=[5] * 16)
     assert next(w for w in shorter["label_preferences"] if w.what == "judge prompts").tokens == pytest.approx(
         judge.tokens - 64 * 2 * (24 - 5), abs=1)
+    # Answers of varied length pad a batch to its longest: wider than the same mean length for all.
+    varied = estimate.count(cfg, tok, answers=[1, 9] * 8)
+    assert next(w for w in varied["label_preferences"] if w.what == "judge prompts").tokens > \
+        next(w for w in shorter["label_preferences"] if w.what == "judge prompts").tokens
+
+
+def test_generated_lengths_come_from_the_probes_answers():
+    L = estimate.Lengths(None, 512, [2, 10])
+    assert L.new(24) == 6  # the mean answer
+    assert L.new(24, batch=2) == pytest.approx(2 * 1 / 4 + 10 * 3 / 4)  # E[longest of two draws]
+    assert L.new(5) == pytest.approx((2 + 5) / 2)  # a lower max_new_tokens caps the long one
+    assert estimate.Lengths(None, 512, None).new(24, batch=8) == 24  # no probe: every answer at the cap
+    assert estimate.padded([3, 1, 2], 2) == pytest.approx((1 * 1 + 2 * 3 + 3 * 5) / 9)
 
 
 def test_plan_true_prints_the_probe_and_a_time_per_stage(tmp_path, tiny_llama, capsys, monkeypatch):
