@@ -180,10 +180,10 @@ def _critique_revise(cfg: Config, L: Lengths) -> list[Work]:
             critique.append(data.render(L.tok, C.critique_messages(const, p.text, "", pr, cr.few_shot, cr.cot)))
             revision.append(data.render(L.tok, C.revision_messages(const, p.text, "", pr, "", cr.few_shot, cr.cot)))
     harmless = [sum(k == "harmless" for k, _ in s) for s in shards]
-    return [sample("answers", [len(s) for s in shards], b, L.chat([p.text for p in train + helpful], batch=b),
-                   g.max_new_tokens),
-            sample("critiques", harmless * cr.rounds, b, L.mean(critique, 1, t, batch=b), t),
-            sample("revisions", harmless * cr.rounds, b, L.mean(revision, 2, t, batch=b), t)]
+    # decode.py prefills prompts longest first, so their padding is small: the mean length.
+    return [sample("answers", [len(s) for s in shards], b, L.chat([p.text for p in train + helpful]), t),
+            sample("critiques", harmless * cr.rounds, b, L.mean(critique, 1, t), t),
+            sample("revisions", harmless * cr.rounds, b, L.mean(revision, 2, t), t)]
 
 
 def _sft(cfg: Config, L: Lengths) -> list[Work]:
@@ -222,15 +222,17 @@ def _label_preferences(cfg: Config, L: Lengths) -> list[Work]:
     k, orders = lp.num_responses, 2 if lp.both_orders else 1
     shards = data.chunks(items, lp.shard_size)
     work = [sample("responses", [len(s) * k for s in shards], g.batch_size,
-                   L.chat([t for _, t in items], batch=g.batch_size), g.max_new_tokens)]
+                   L.chat([t for _, t in items]), g.max_new_tokens)]
     # compare() sends a shard's prompts to a judge as one list, cut into judge.batch_size batches.
     per_shard = [sum(k * (k - 1) // 2 * orders * (lp.num_principles if kind == "harmless" else 1) for kind, _ in s)
                  for s in shards]
     for jc in cfg.all_judges():
         if jc.backend != "local":
             continue  # a llama.cpp or server judge runs elsewhere, at its own speed: not estimated
+        # A comparison's principles and orders come one after another: a batch holds fewer different ones.
+        distinct = max(1, jc.batch_size // (lp.num_principles * orders))
         tokens = _judge_tokens(L, [t for _, t in items], [p.text for p in const.preference],
-                               const.preference_demos[: lp.few_shot], g.max_new_tokens, jc.batch_size)
+                               const.preference_demos[: lp.few_shot], g.max_new_tokens, distinct)
         if lp.cot:
             work.append(sample("judge reasoning", per_shard, g.batch_size, tokens, lp.cot_max_new_tokens))
             tokens += L.new(lp.cot_max_new_tokens)
@@ -268,7 +270,7 @@ def _ppo(cfg: Config, L: Lengths) -> list[Work]:
     # A rollout's tensors are as wide as its longest prompt and response: every pass over it is.
     full = L.chat(prompts, batch=pc.batch_size) + L.new(pc.max_new_tokens, pc.batch_size)
     updates = pc.steps * pc.ppo_epochs * math.ceil(pc.batch_size / mb)
-    return [sample("rollouts", [pc.batch_size] * pc.steps, rollout, L.chat(prompts, batch=rollout), pc.max_new_tokens),
+    return [sample("rollouts", [pc.batch_size] * pc.steps, rollout, L.chat(prompts), pc.max_new_tokens),
             # Per step: old and reference log-probs and reward scores a minibatch at a time, values at once.
             Work("log-probs, scores, values", "forward", pc.steps * (3 * math.ceil(pc.batch_size / mb) + 1), 4 * rows,
                  round(4 * rows * full)),
@@ -311,8 +313,7 @@ def _evaluate(cfg: Config, L: Lengths) -> list[Work]:
     pairs = (models - 1) + max(0, models - 2) * sft  # each model against base, and each RL model against sft
     t = ev.max_new_tokens
     reds, helps = [p.text for p in red], [p.text for p in helpful]
-    work = [sample("answers", [len(reds), len(helps)] * models, g.batch_size, L.chat(reds + helps, batch=g.batch_size),
-                   ev.max_new_tokens)]
+    work = [sample("answers", [len(reds), len(helps)] * models, g.batch_size, L.chat(reds + helps), ev.max_new_tokens)]
     for jc in cfg.all_judges():
         if jc.backend != "local":
             continue
@@ -321,7 +322,8 @@ def _evaluate(cfg: Config, L: Lengths) -> list[Work]:
                                            ("helpful", helps, 1, [C.HELPFUL_PRINCIPLE.text])):
             n = len(texts) * k * 2  # both orders
             work.append(Work(f"win-rate prompts ({what})", "forward", pairs * math.ceil(n / b), pairs * n,
-                             round(pairs * n * _judge_tokens(L, texts, principles, (), t, b)), bare=bare))
+                             round(pairs * n * _judge_tokens(L, texts, principles, (), t, max(1, b // (2 * k)))),
+                             bare=bare))  # a comparison's principles and orders come one after another
         for texts, questions in ((reds, 2), (helps, 1)):  # harmful + evasive on red-team answers, evasive on helpful
             convs = [data.conversation_text(t, "") for t in texts]
             tokens = L.mean([data.render(L.tok, C.classification_messages(c, C.EVASIVE_Q, ["Yes", "No"]),
