@@ -3,10 +3,10 @@ the rates a short probe measured on this machine's device (probe.py), as the tab
 prints after the memory plan.
 
 Counts: which prompts each stage reads, by the stages' own loaders (data.prompt_split, the RL
-stages' prompt lists, evaluate.eval_prompts), and their tokens as rendered and padded in a batch
-(from up to SAMPLE of each kind, tokenized by the base's tokenizer; text a stage generates counts
-at the length the probe's answers had). Work comes in three kinds, each priced by a line the probe
-fitted:
+stages' prompt lists, evaluate.eval_prompts), and their tokens as rendered (up to SAMPLE of each
+kind, tokenized by the base's tokenizer), with the text a stage generated into them drawn from the
+lengths of the probe's answers, and padded as a batch pads them: to its longest row. Work comes in
+three kinds, each priced by a line the probe fitted:
   - sample: seconds = forwards x step_s + rows in flight summed over them x row_step_s + prompt
     tokens x fwd_token_s. Our loop (decode.py) refills finished rows: `batch` rows in flight, each for
     its answer's length (where the probe's answers ended), plus a tail per call for its longest rows;
