@@ -41,7 +41,8 @@ TINY_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, n
 
 
 def config(folder: Path, tiny: bool, prompts: int, minibatch: int, prompt_len: int, response_len: int):
-    over = [f"base.model={folder}", "base.init=random", f"ppo.batch_size={prompts}", f"ppo.minibatch_size={minibatch}",
+    over = [f"base.model={folder}", "base.init=random", f"ppo.batch_size={prompts}", f"ppo.rollout_batch_size={prompts}",
+            f"ppo.minibatch_size={minibatch}",
             f"ppo.max_new_tokens={response_len}", f"generation.max_prompt_tokens={prompt_len}", "ppo.temperature=1.0"]
     if tiny:
         over += ["base.device=cpu"]  # the recipe's bf16 weights and compute, as on the GPU

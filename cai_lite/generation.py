@@ -81,7 +81,8 @@ def generate(base: SharedBase, prompts: list[str], adapter: str | None, g: Gener
     in flight, longest prompts first, finished rows refilled (decode.py); answers in prompt order.
     Settings not in `generation` (top_k, repetition_penalty, ...) are the model's own generation_config."""
     if not isinstance(g.batch_size, int):
-        raise ValueError(f"generation.batch_size={g.batch_size!r}: the pipeline resolves auto before a stage runs")
+        raise ValueError(f"generation.batch_size={g.batch_size!r}: pipeline.resolve_auto(cfg) turns auto into a "
+                         "number before a stage runs")
     tok = base.tokenizer
     temperature = g.temperature if temperature is None else temperature
     ids = tok(prompts, add_special_tokens=False)["input_ids"] if prompts else []

@@ -45,6 +45,9 @@ def sample(base: SharedBase, adapter: str, prompts: list[str], max_new_tokens: i
            max_prompt_tokens: int, batch_size: int) -> Rollout:
     """One sampled response per prompt (repeat prompts for several), with the adapter `adapter`,
     `batch_size` rows in flight (decode.py), each row with its own seed from torch's generator."""
+    if not isinstance(batch_size, int):
+        raise ValueError(f"ppo.rollout_batch_size={batch_size!r}: pipeline.resolve_auto(cfg) turns auto into a "
+                         "number before a stage runs")
     tok = base.tokenizer
     rendered = [data.render(tok, [{"role": "user", "content": p}]) for p in prompts]
     enc, _ = generation.tokenize_left(base, rendered, max_prompt_tokens)

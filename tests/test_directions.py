@@ -93,7 +93,7 @@ def _rollout(mask, ended) -> rollout.Rollout:
 def test_ppo_step_rewards_kl_and_eos_penalty(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, "ppo.kl_coef=0.1", "ppo.kl_target=1.0", "ppo.kl_horizon=10", "ppo.missing_eos_penalty=0.5",
                "ppo.gamma=1.0", "ppo.lam=1.0", "ppo.max_new_tokens=7", "ppo.temperature=0.9", "ppo.minibatch_size=4",
-               "generation.max_prompt_tokens=50")
+               "generation.max_prompt_tokens=50", "ppo.rollout_batch_size=5")
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     ro = _rollout(mask, [True, False])  # the second response hit the length cap after one token
     logps = {"policy": torch.tensor([[-1.0, -1.0, -1.0], [-1.0, 0.0, 0.0]]),
@@ -138,7 +138,7 @@ def test_ppo_step_rewards_kl_and_eos_penalty(tmp_path, monkeypatch):
     monkeypatch.setattr(ppo, "_update", update)
     kl_ctl = ppo.KLController(0.1, 1.0, 10)
     rec = ppo.ppo_step(cfg, base, ["p0", "p1"], {"mean": 1.0, "std": 2.0}, kl_ctl, opt, params)
-    assert seen["sample"] == (base, "policy", ["p0", "p1"], (7, 0.9, 50))
+    assert seen["sample"] == (base, "policy", ["p0", "p1"], (7, 0.9, 50, 5))
     assert seen["score"] == (base, ro.prompts, ro.texts, (4, 57))
     assert seen["roles"] == [(base, "value")] and seen["training"] is base
     # KL per token = log pi - log ref on the sampled tokens; the reward is -0.1 * KL, plus the score on

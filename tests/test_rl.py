@@ -26,8 +26,8 @@ from cai_lite.stages import dpo, ppo, reward_model, rloo
 from conftest import tiny_config
 
 RL = ["reward_model.epochs=3", "reward_model.lr=3e-3", "reward_model.eval_fraction=0.25",
-      "ppo.steps=30", "ppo.batch_size=32", "ppo.minibatch_size=16", "ppo.ppo_epochs=4", "ppo.lr=3e-3",
-      "ppo.max_new_tokens=12", "ppo.kl_coef=0.02", "ppo.missing_eos_penalty=0",
+      "ppo.steps=30", "ppo.batch_size=32", "ppo.rollout_batch_size=32", "ppo.minibatch_size=16", "ppo.ppo_epochs=4",
+      "ppo.lr=3e-3", "ppo.max_new_tokens=12", "ppo.kl_coef=0.02", "ppo.missing_eos_penalty=0",
       "rloo.steps=30", "rloo.batch_size=8", "rloo.num_samples=4", "rloo.lr=1e-2", "rloo.max_new_tokens=12",
       "rloo.missing_eos_penalty=0", "dpo.max_steps=20", "dpo.lr=5e-3", "dpo.beta=0.1"]
 
@@ -166,7 +166,8 @@ def test_ppo_raises_reward_on_one_base(rl):
     log = [json.loads(line) for line in (cfg.path / "ppo" / "log.jsonl").read_text().splitlines()]
     # Mean reward of the last 5 rollouts over the first 5: one rollout's mean is too noisy to compare
     # (with 16 prompts per rollout, single-step differences ranged from -0.3 to +0.5 over seeds). At
-    # 32 prompts, seeds 0, 1, 2 of cfg.seed gave +0.20, +0.17, +0.28.
+    # 32 prompts, seeds 0, 1, 2 of cfg.seed gave +0.20, +0.17, +0.28: a small rise against the noise
+    # (one run's linear trend: +0.21, t = 0.9), where RLOO's is clear.
     reward = [r["reward"] for r in log]
     assert sum(reward[-5:]) / 5 > sum(reward[:5]) / 5 + 0.1, reward
     assert len(log) == 30 and {"reward", "kl", "entropy", "clipfrac", "value_loss", "response_length"} <= set(log[0])
@@ -204,7 +205,12 @@ def test_rloo_raises_reward_with_trl_on_the_same_base(rl):
     (cfg.path / "rloo").mkdir()
     transformers.set_seed(0)
     out = rloo.run(cfg, base, cfg.path / "rloo")
-    assert out["reward_last"] > out["reward_first"] + 0.5, out
+    assert out["reward_rose"], out
+    # As for PPO: the mean of the last 5 steps' rewards over the first 5 (this run: +0.33; the
+    # reward's linear trend over the 30 steps rose 0.54, t = 3.8).
+    reward = [r["reward_raw"] for r in map(json.loads, (cfg.path / "rloo" / "log.jsonl").read_text().splitlines())
+              if "reward_raw" in r]
+    assert len(reward) == 30 and sum(reward[-5:]) / 5 > sum(reward[:5]) / 5 + 0.1, reward
     assert out["kl_max"] / 12 < 3, out
     assert not _params4bit() - n_params and _storages(base) == before  # TRL made no second model
     assert "default" not in base.adapters and "ref" not in base.adapters  # TRL's names cleaned up
