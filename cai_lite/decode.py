@@ -10,6 +10,8 @@ How it differs from `model.generate` over fixed batches:
   waiting prompts take the free slots: they are prefilled on their own and their KV cache is joined to
   the running one, left-padded to a common length. Columns that only padding uses are trimmed, so the
   cache never outgrows the longest live row (what planner.sampling() assumes).
+- **Shared prefix.** Prompts prefilled together compute their common opening once (critique and
+  revision prompts all open with the constitution's demonstration), as vLLM's prefix caching would.
 - **One random stream per row.** Row i draws its uniforms from its own CPU generator seeded with
   `seeds[i]`, and samples by inverse CDF. A row's text then depends on its prompt and seed only, not
   on which rows share its batch, on `slots`, or on the device's generator, so a resumed or re-batched
